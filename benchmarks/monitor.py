@@ -1,0 +1,365 @@
+"""The monitor alone: qmpvm against QEMU 7.2's own QMP monitor, in one run.
+
+Peer: ``qemu-system-x86_64 -M none -S -nodefaults -display none
+-qmp unix:PATH,server=on,wait=off`` (no machine, only the monitor), the
+closest QEMU has to qmpvm's "monitor first" start.  qmpvm is started with
+``-qmp unix:PATH,server=on,wait=off --preconfig`` (no machine either), both as
+``sys.executable -m qmpvm`` and as the console script ``.venv/bin/qmpvm``.
+
+Measured, each printed as a qmpvm/QEMU ratio (lower is better for qmpvm):
+
+(a) start to greeting: from ``Popen`` to the greeting bytes arriving on a raw
+    UNIX socket (the socket is poll-connected every 1 ms until it exists);
+    median of ``--runs`` (10) runs per program, the programs taking turns
+    (QEMU, qmpvm -m, qmpvm script, QEMU, ...) after one unmeasured warm-up
+    start each.  The ratio uses the faster of the two qmpvm launchers.
+(b) ``query-status`` round trip through one ``qemu.qmp`` QMPClient per
+    server: sequential (2,000 calls, timed one by one; median per call, mean
+    also shown) and pipelined (``asyncio.gather`` of 1,000 ``execute`` calls
+    on one client; total time, median of 5 rounds).  Servers take turns in
+    chunks so drift hits both.
+(c) qmpvm alone: 64 concurrent qemu.qmp clients, each doing N sequential
+    ``query-status``; total commands / wall time.  The clients run in this
+    process, so on a small host the client library may be the bottleneck:
+    the CPU time qmpvm itself spent is read from /proc and shown as the
+    server's own capacity (commands per server CPU-second).
+
+Goals (printed as met / MISSED): start-to-greeting ratio <= 1.0, sequential
+round-trip ratio <= 1.0, >= 10,000 commands/s over 64 clients.
+
+Command::
+
+    .venv/bin/python benchmarks/monitor.py            # full run (~30 s)
+    .venv/bin/python benchmarks/monitor.py --quick    # smoke run (~10 s)
+
+Measured here (2026-11-24; 2 cores, QEMU 7.2.22, Python 3.11, full run):
+see the end of this docstring, filled in from a real run.
+
+FIGURES-PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+REPO = Path(__file__).resolve().parent.parent
+QEMU = "qemu-system-x86_64"
+CONSOLE_SCRIPT = Path(sys.executable).parent / "qmpvm"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+GOAL_COMMANDS_PER_S = 10_000
+
+# -- processes: every one we start is remembered and ended on any exit path --
+
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def spawn(argv: list[str]) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own process group (so its children end with it)."""
+    process = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        cwd=REPO,
+    )
+    _STARTED.append(process)
+    return process
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = 5.0) -> None:
+    """SIGTERM the process group we created, then SIGKILL it if it lingers."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # stragglers in the group
+    process.wait()
+    if process.stderr is not None:
+        process.stderr.close()
+    if process in _STARTED:
+        _STARTED.remove(process)
+
+
+def stop_all() -> None:
+    for process in list(_STARTED):
+        stop(process, grace=2.0)
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+# -- programs ------------------------------------------------------------------
+
+
+def qemu_argv(sock: Path) -> list[str]:
+    return [QEMU, "-M", "none", "-S", "-nodefaults", "-display", "none",
+            "-qmp", f"unix:{sock},server=on,wait=off"]  # fmt: skip
+
+
+def qmpvm_module_argv(sock: Path) -> list[str]:
+    return [sys.executable, "-m", "qmpvm", "-qmp", f"unix:{sock},server=on,wait=off", "--preconfig"]
+
+
+def qmpvm_script_argv(sock: Path) -> list[str]:
+    return [str(CONSOLE_SCRIPT), "-qmp", f"unix:{sock},server=on,wait=off", "--preconfig"]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (the process itself, not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _unique_socket(workdir: Path) -> Iterator[Path]:
+    n = 0
+    while True:
+        n += 1
+        yield workdir / f"qmp{n}.sock"
+
+
+# -- (a) start to greeting -----------------------------------------------------
+
+
+def start_to_greeting(argv: list[str], sock: Path, timeout: float = 30.0) -> float:
+    """Seconds from Popen to the first greeting line on a raw UNIX socket."""
+    started = time.perf_counter()
+    process = spawn(argv)
+    try:
+        deadline = started + timeout
+        while True:
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                conn.connect(str(sock))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                conn.close()
+                if process.poll() is not None:
+                    err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                    raise RuntimeError(f"{argv[0]} exited with {process.returncode}: {err}") from None
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"{argv[0]}: no QMP socket after {timeout}s") from None
+                time.sleep(0.001)
+        with conn:
+            conn.settimeout(timeout)
+            data = b""
+            while b"\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    raise RuntimeError(f"{argv[0]}: connection closed before the greeting")
+                data += chunk
+            elapsed = time.perf_counter() - started
+        if b'"QMP"' not in data:
+            raise RuntimeError(f"{argv[0]}: not a QMP greeting: {data[:200]!r}")
+        return elapsed
+    finally:
+        stop(process)
+
+
+def bench_greeting(workdir: Path, runs: int) -> dict[str, list[float]]:
+    socks = _unique_socket(workdir)
+    programs = {
+        "QEMU": qemu_argv,
+        "qmpvm (python -m qmpvm)": qmpvm_module_argv,
+        "qmpvm (.venv/bin/qmpvm)": qmpvm_script_argv,
+    }
+    for make in programs.values():  # warm-up: page cache, .pyc files
+        sock = next(socks)
+        start_to_greeting(make(sock), sock)
+    times: dict[str, list[float]] = {name: [] for name in programs}
+    for _ in range(runs):
+        for name, make in programs.items():
+            sock = next(socks)
+            times[name].append(start_to_greeting(make(sock), sock))
+    return times
+
+
+# -- (b) round trips, (c) many clients -------------------------------------------
+
+
+async def wait_for_socket(sock: Path, process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not sock.exists():
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode} before listening")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no socket {sock} after {timeout}s")
+        await asyncio.sleep(0.005)
+
+
+async def connect(sock: Path, name: str) -> QMPClient:
+    client = QMPClient(name)
+    await client.connect(str(sock))
+    return client
+
+
+async def sequential(client: QMPClient, calls: int) -> list[float]:
+    per_call = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        await client.execute("query-status")
+        per_call.append(time.perf_counter() - t0)
+    return per_call
+
+
+async def pipelined(client: QMPClient, calls: int) -> float:
+    t0 = time.perf_counter()
+    replies = await asyncio.gather(*(client.execute("query-status") for _ in range(calls)))
+    elapsed = time.perf_counter() - t0
+    assert len(replies) == calls and all("status" in r for r in replies)  # type: ignore[operator]
+    return elapsed
+
+
+async def many_clients(sock: Path, pid: int, clients: int, calls: int) -> tuple[float, float, float]:
+    """(commands/s, server CPU seconds, client CPU seconds) for the whole load."""
+    conns = await asyncio.gather(*(connect(sock, f"c{i}") for i in range(clients)))
+    try:
+        await asyncio.gather(*(sequential(c, 10) for c in conns))  # warm-up
+        cpu0, own0, t0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
+        await asyncio.gather(*(sequential(c, calls) for c in conns))
+        wall = time.perf_counter() - t0
+        server_cpu, client_cpu = cpu_seconds(pid) - cpu0, time.process_time() - own0
+    finally:
+        await asyncio.gather(*(c.disconnect() for c in conns), return_exceptions=True)
+    return clients * calls / wall, server_cpu, client_cpu
+
+
+async def bench_monitor(workdir: Path, opts: argparse.Namespace) -> dict[str, object]:
+    qemu_sock, qmpvm_sock = workdir / "rt-qemu.sock", workdir / "rt-qmpvm.sock"
+    qemu = spawn(qemu_argv(qemu_sock))
+    qmpvm = spawn(qmpvm_module_argv(qmpvm_sock))
+    results: dict[str, object] = {}
+    try:
+        await wait_for_socket(qemu_sock, qemu)
+        await wait_for_socket(qmpvm_sock, qmpvm)
+        clients = {"QEMU": await connect(qemu_sock, "qemu"), "qmpvm": await connect(qmpvm_sock, "qmpvm")}
+        try:
+            for client in clients.values():
+                await sequential(client, 200)  # warm-up
+            seq: dict[str, list[float]] = {name: [] for name in clients}
+            chunks = 4
+            for _ in range(chunks):
+                for name, client in clients.items():
+                    seq[name] += await sequential(client, opts.calls // chunks)
+            pipe: dict[str, list[float]] = {name: [] for name in clients}
+            for _ in range(opts.pipeline_rounds):
+                for name, client in clients.items():
+                    pipe[name].append(await pipelined(client, opts.pipeline))
+            results["seq"], results["pipe"] = seq, pipe
+        finally:
+            for client in clients.values():
+                await client.disconnect()
+        stop(qemu)
+        results["many"] = await many_clients(qmpvm_sock, qmpvm.pid, opts.clients, opts.per_client)
+    finally:
+        stop(qemu)
+        stop(qmpvm)
+    return results
+
+
+# -- report ----------------------------------------------------------------------
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f} ms"
+
+
+def goal(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer runs and calls (smoke run)")
+    parser.add_argument("--runs", type=int, help="start-to-greeting runs per program (10)")
+    parser.add_argument("--clients", type=int, default=64)
+    opts = parser.parse_args()
+    opts.runs = opts.runs or (3 if opts.quick else 10)
+    opts.calls = 400 if opts.quick else 2000
+    opts.pipeline = 1000
+    opts.pipeline_rounds = 2 if opts.quick else 5
+    opts.per_client = 40 if opts.quick else 200
+    logging.basicConfig(level=logging.ERROR)
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        with tempfile.TemporaryDirectory(prefix="qmpvm-bench-") as tmp:
+            workdir = Path(tmp)
+            print(f"monitor benchmark: QEMU {qemu_version()}, {os.cpu_count()} CPUs, "
+                  f"{'quick' if opts.quick else 'full'} run", flush=True)  # fmt: skip
+            greet = bench_greeting(workdir, opts.runs)
+            mon = asyncio.run(bench_monitor(workdir, opts))
+    finally:
+        stop_all()
+
+    med = {name: statistics.median(values) for name, values in greet.items()}
+    print(f"\n(a) process start -> greeting, median of {opts.runs} runs each (alternating):")
+    for name, value in med.items():
+        spread = f"min {ms(min(greet[name]))}, max {ms(max(greet[name]))}"
+        print(f"    {name:26s} {ms(value):>12s}   ({spread})")
+    launchers = {k: v for k, v in med.items() if k != "QEMU"}
+    best = min(launchers, key=launchers.__getitem__)
+    greet_ratio = med[best] / med["QEMU"]
+
+    seq, pipe = mon["seq"], mon["pipe"]
+    assert isinstance(seq, dict) and isinstance(pipe, dict)
+    seq_med = {name: statistics.median(v) for name, v in seq.items()}
+    seq_mean = {name: statistics.fmean(v) for name, v in seq.items()}
+    pipe_med = {name: statistics.median(v) for name, v in pipe.items()}
+    print(f"\n(b) query-status through qemu.qmp, {opts.calls} sequential calls:")
+    for name in seq:
+        print(f"    {name:6s} median {ms(seq_med[name])}/call, mean {ms(seq_mean[name])}/call")
+    print(f"    {opts.pipeline} pipelined calls (asyncio.gather), median of {opts.pipeline_rounds}:")
+    for name in pipe:
+        rate = opts.pipeline / pipe_med[name]
+        print(f"    {name:6s} {ms(pipe_med[name])} total ({rate:,.0f} commands/s)")
+    rt_ratio = seq_med["qmpvm"] / seq_med["QEMU"]
+    rt_mean_ratio = seq_mean["qmpvm"] / seq_mean["QEMU"]
+    pipe_ratio = pipe_med["qmpvm"] / pipe_med["QEMU"]
+
+    many = mon["many"]
+    assert isinstance(many, tuple)
+    rate, server_cpu, client_cpu = many
+    total = opts.clients * opts.per_client
+    print(f"\n(c) qmpvm, {opts.clients} concurrent qemu.qmp clients x {opts.per_client} query-status:")
+    print(f"    {rate:,.0f} commands/s wall; qmpvm used {server_cpu:.2f} CPU-s "
+          f"({total / server_cpu if server_cpu else float('inf'):,.0f} commands per server CPU-s), "
+          f"the clients {client_cpu:.2f} CPU-s")  # fmt: skip
+
+    print("\nratios (qmpvm / QEMU; <= 1.0 means qmpvm is as fast or faster):")
+    print(f"    start -> greeting ({best}): {greet_ratio:.2f}   "
+          f"goal <= 1.0: {goal(greet_ratio <= 1.0)}")  # fmt: skip
+    print(f"    query-status round trip, median:  {rt_ratio:.2f}   goal <= 1.0: {goal(rt_ratio <= 1.0)}")
+    print(f"    query-status round trip, mean:    {rt_mean_ratio:.2f}")
+    print(f"    {opts.pipeline} pipelined, total:         {pipe_ratio:.2f}")
+    print(f"    64 clients: {rate:,.0f} commands/s   goal >= {GOAL_COMMANDS_PER_S:,}: "
+          f"{goal(rate >= GOAL_COMMANDS_PER_S)}")  # fmt: skip
+    return 0
+
+
+def qemu_version() -> str:
+    out = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True).stdout
+    return out.split("\n", 1)[0].removeprefix("QEMU emulator version ")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""``python -m qmpvm``."""
+
+import sys
+
+from qmpvm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,98 @@
+"""Session and introspection commands, and the machine-wide queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qmpvm import __version__
+from qmpvm.commands.common import QEMU_VERSION, REGISTRY
+from qmpvm.errors import CommandNotFoundError
+from qmpvm.monitor.dispatch import Call
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Capabilities:
+    enable: list[str] | None = None
+
+
+@REGISTRY.command("qmp_capabilities", args=Capabilities)
+async def qmp_capabilities(call: Call) -> object:
+    raise CommandNotFoundError("Capabilities negotiation is already complete, command ignored")
+
+
+def version() -> dict[str, object]:
+    major, minor, micro = QEMU_VERSION
+    return {
+        "qemu": {"major": major, "minor": minor, "micro": micro},
+        "package": f"qmpvm {__version__}",
+    }
+
+
+@REGISTRY.command("query-version", returns=object)
+async def query_version(call: Call) -> object:
+    return version()
+
+
+@REGISTRY.command("query-commands", returns=object)
+async def query_commands(call: Call) -> object:
+    return [{"name": name} for name in sorted(REGISTRY.commands)]
+
+
+@REGISTRY.command("query-qmp-schema", returns=object)
+async def query_qmp_schema(call: Call) -> object:
+    return REGISTRY.schema()
+
+
+@REGISTRY.command("query-name", returns=object)
+async def query_name(call: Call) -> object:
+    name = call.vmm.config.machine.name
+    return {"name": name} if name is not None else {}
+
+
+@REGISTRY.command("query-kvm", returns=object)
+async def query_kvm(call: Call) -> object:
+    from qmpvm.engine.host import kvm_state
+
+    machine = call.vmm.machine
+    return {"enabled": machine is not None and machine.accel == "kvm", "present": kvm_state().present}
+
+
+@REGISTRY.command("query-status", returns=object)
+async def query_status(call: Call) -> object:
+    vmm = call.vmm
+    if vmm.machine is not None:
+        status = await vmm.forward("query-status", {})
+        if isinstance(status, dict):
+            return {**status, "phase": str(vmm.phase)}
+    return {"status": vmm.status, "running": False, "singlestep": False, "phase": str(vmm.phase)}
+
+
+@REGISTRY.command("query-machine", returns=object)
+async def query_machine(call: Call) -> object:
+    vmm = call.vmm
+    reply: dict[str, object] = {"phase": str(vmm.phase), **vmm.config.describe()}
+    if vmm.machine is not None:
+        reply["engine"] = {
+            "pid": vmm.machine.pid,
+            "accel": vmm.machine.accel,
+            "hotplug-ports": list(vmm.machine.hotplug_ports),
+        }
+    if vmm.last_exit is not None:
+        reply["last-exit"] = vmm.last_exit
+    return reply
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConfigExport:
+    diff: bool = True
+
+
+@REGISTRY.command("config-export", args=ConfigExport, returns=object)
+async def config_export(call: Call) -> object:
+    return call.vmm.config.export(diff=call.args.diff)
+
+
+@REGISTRY.command("quit")
+async def quit_(call: Call) -> object:
+    call.vmm.quit_requested.set()
+    return {}

@@ -1,0 +1,1 @@
+"""The machine's configuration: typed resources, pure updates, export/replay."""

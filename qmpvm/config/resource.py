@@ -1,0 +1,40 @@
+"""What every named configuration item has in common."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Kind(StrEnum):
+    """Resource kinds, in the order a machine is assembled from them."""
+
+    CHARDEV = "chardev"
+    BLOCK = "block"
+    NETDEV = "netdev"
+    DEVICE = "device"
+
+
+class PlugClass(StrEnum):
+    BOOT_ONLY = "boot-only"
+    HOT = "hot"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resource:
+    """One configured item, kept as the QMP arguments that create it.
+
+    Keeping the creating arguments (rather than a translation) is what makes
+    export exact: replaying ``args`` through the same command rebuilds it.
+    """
+
+    kind: Kind
+    key: str  # the id / node-name; "#<n>" for a device created without id
+    args: Mapping[str, object]
+    refs: tuple[tuple[Kind, str], ...] = ()
+    seq: int = 0  # creation order, kept across restarts
+
+    @property
+    def anonymous(self) -> bool:
+        return self.key.startswith("#")

@@ -1,0 +1,1 @@
+"""The engine side: probing QEMU's capabilities, launching and driving it over a private link."""

@@ -1,0 +1,33 @@
+"""What the host offers the engine: is KVM there, and is it worth using."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+KVM_DEVICE = Path("/dev/kvm")
+PVM_MODULE = Path("/sys/module/kvm_pvm")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KvmState:
+    present: bool  # /dev/kvm can be opened
+    usable: bool  # and is hardware-backed, not an emulating PVM host
+    reason: str
+
+
+def kvm_state() -> KvmState:
+    if not KVM_DEVICE.exists():
+        return KvmState(present=False, usable=False, reason="/dev/kvm is missing")
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return KvmState(present=False, usable=False, reason="/dev/kvm is not accessible")
+    if PVM_MODULE.exists():
+        # KVM from kvm_pvm emulates guest kernel code (~1000x slower); TCG wins.
+        return KvmState(present=True, usable=False, reason="KVM is provided by kvm_pvm (emulated)")
+    return KvmState(present=True, usable=True, reason="hardware KVM")
+
+
+def default_accel() -> str:
+    """``kvm`` where KVM is usable, otherwise ``tcg``."""
+    return "kvm" if kvm_state().usable else "tcg"

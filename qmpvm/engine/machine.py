@@ -1,0 +1,198 @@
+"""The running engine: one supervised QEMU process and its private link.
+
+Theory of operation: ``start`` builds the launch plan from the store, hands
+the engine a socketpair end as its only monitor, waits for the greeting and
+applies the settings that have no command-line form (link state).  Any
+failure on the way kills the process and raises EngineError carrying what
+the engine printed, so a failed machine-init leaves nothing behind.
+
+A supervisor task waits for the process to exit and for the link to drain
+its last events, then reports once through ``on_exit``: status ``shutdown``
+when the guest powered off (the engine sent SHUTDOWN) or on ``quit``,
+``internal-error`` otherwise.  The engine gets PR_SET_PDEATHSIG, so it dies
+with qmpvm even on SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+
+from qmpvm.config.model import Config
+from qmpvm.engine.caps import Capabilities, die_with_parent
+from qmpvm.engine.host import default_accel
+from qmpvm.engine.launch import build_launch
+from qmpvm.engine.link import EngineLink
+from qmpvm.errors import EngineError
+from qmpvm.fds import FdRegistry
+from qmpvm.vmm import EngineSettings
+
+log = logging.getLogger(__name__)
+
+STDERR_LINES = 50
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 5.0
+
+
+class EngineMachine:
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        link: EngineLink,
+        *,
+        accel: str,
+        hotplug_ports: Sequence[str],
+        stderr: deque[str],
+        on_exit: Callable[[EngineMachine, dict[str, object]], None],
+    ) -> None:
+        self.process = process
+        self.link = link
+        self.accel = accel
+        self.hotplug_ports = tuple(hotplug_ports)
+        self.port_users: dict[str, str] = {}  # hot-plug port -> device id
+        self._stderr = stderr
+        self._on_exit = on_exit
+        self.saw_shutdown = False
+        self.stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @classmethod
+    async def start(
+        cls,
+        config: Config,
+        fds: FdRegistry,
+        caps: Capabilities | None,
+        settings: EngineSettings,
+        *,
+        on_event: Callable[[dict[str, object]], None],
+        on_exit: Callable[[EngineMachine, dict[str, object]], None],
+    ) -> EngineMachine:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        accel = str(config.machine.accel) if config.machine.accel else default_accel()
+        plan = build_launch(
+            config,
+            binary=caps.binary if caps else settings.binary,
+            accel=accel,
+            link_fd=theirs.fileno(),
+            named_fds={name: entry.fd for name, entry in fds.named.items()},
+            fdsets={i: [e.fd for e in entries] for i, entries in fds.fdsets.items()},
+            hotplug_ports=settings.hotplug_ports,
+        )
+        log.info("launching engine: %s", " ".join(plan.argv))
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *plan.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                pass_fds=plan.pass_fds,
+                preexec_fn=die_with_parent,
+            )
+        except OSError as err:
+            ours.close()
+            raise EngineError(f"cannot start the engine '{plan.argv[0]}': {err}") from err
+        finally:
+            theirs.close()
+        stderr: deque[str] = deque(maxlen=STDERR_LINES)
+        stderr_task = asyncio.get_running_loop().create_task(_collect(process, stderr))
+        machine: EngineMachine | None = None
+
+        def deliver(message: dict[str, object]) -> None:
+            if machine is not None:
+                machine._event(message)
+            on_event(message)
+
+        try:
+            link = await EngineLink.open(ours, on_event=deliver, timeout=START_TIMEOUT)
+            machine = cls(
+                process, link, accel=accel, hotplug_ports=plan.hotplug_ports, stderr=stderr,
+                on_exit=on_exit,
+            )
+            for name, arguments in plan.after_start:
+                await link.execute(name, arguments)
+        except (EngineError, OSError) as err:
+            await _kill(process)
+            await asyncio.wait_for(stderr_task, 2)
+            ours.close()
+            raise EngineError(_failure_text(err, stderr)) from err
+        machine._supervisor = asyncio.get_running_loop().create_task(machine._supervise(stderr_task))
+        return machine
+
+    def _event(self, message: dict[str, object]) -> None:
+        if message.get("event") == "SHUTDOWN":
+            self.saw_shutdown = True
+
+    async def execute(
+        self, name: str, arguments: Mapping[str, object] | None = None, *, fds: Sequence[int] = ()
+    ) -> object:
+        return await self.link.execute(name, arguments, fds=fds)
+
+    async def stop(self) -> None:
+        """Ask the engine to quit; kill it if it does not."""
+        self.stopping = True
+        if self.process.returncode is None:
+            with contextlib.suppress(EngineError, OSError):
+                await asyncio.wait_for(self.link.execute("quit"), STOP_TIMEOUT)
+            try:
+                await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
+            except TimeoutError:
+                await _kill(self.process)
+        if self._supervisor is not None:
+            await self._supervisor
+
+    async def _supervise(self, stderr_task: asyncio.Task[None]) -> None:
+        code = await self.process.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.link.wait_closed(), 2)
+        await self.link.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stderr_task, 2)
+        clean = code == 0 and (self.saw_shutdown or self.stopping)
+        info: dict[str, object] = {
+            "status": "shutdown" if clean else "internal-error",
+            "exit-code": code if code >= 0 else None,
+            "signal": signal.Signals(-code).name if code < 0 else None,
+            "reason": _exit_reason(code, self.saw_shutdown, self.stopping),
+            "stderr": "\n".join(self._stderr),
+        }
+        self._on_exit(self, info)
+
+
+def _exit_reason(code: int, saw_shutdown: bool, stopping: bool) -> str:
+    if stopping:
+        return "stopped by qmpvm"
+    if saw_shutdown and code == 0:
+        return "guest shut down"
+    if code < 0:
+        return f"engine killed by {signal.Signals(-code).name}"
+    return f"engine exited with status {code}"
+
+
+def _failure_text(err: Exception, stderr: deque[str]) -> str:
+    said = " ".join(line.strip() for line in stderr if line.strip())
+    return f"machine-init failed: {said}" if said else f"machine-init failed: {err}"
+
+
+async def _collect(process: asyncio.subprocess.Process, lines: deque[str]) -> None:
+    if process.stderr is None:
+        return
+    async for raw in process.stderr:
+        line = raw.decode(errors="replace").rstrip()
+        log.info("engine: %s", line)
+        lines.append(line)
+
+
+async def _kill(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    await process.wait()

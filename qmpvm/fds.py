@@ -1,0 +1,123 @@
+"""File descriptors clients passed with SCM_RIGHTS, and who owns them.
+
+A descriptor belongs to the connection that passed it and is closed when
+that connection ends, unless the configuration refers to it by then (a tap
+netdev's ``fd``, a ``/dev/fdset/N`` filename): then it belongs to the
+machine and is closed when the referring item is deleted.  Descriptors do
+not survive a restart of qmpvm; a stored item that names one asks for it
+again at machine-init.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from qmpvm.errors import ConfigError, NotFoundError
+
+log = logging.getLogger(__name__)
+
+MACHINE = 0
+"""Owner id of descriptors the configuration holds on to."""
+
+
+@dataclass(slots=True, kw_only=True)
+class PassedFd:
+    fd: int
+    owner: int
+    opaque: str | None = None
+
+
+class FdRegistry:
+    def __init__(self) -> None:
+        self.named: dict[str, PassedFd] = {}
+        self.fdsets: dict[int, list[PassedFd]] = {}
+
+    def getfd(self, name: str, fd: int, owner: int) -> None:
+        old = self.named.pop(name, None)
+        if old is not None:
+            _close(old.fd)
+        self.named[name] = PassedFd(fd=fd, owner=owner)
+
+    def closefd(self, name: str, in_use: Collection[str]) -> None:
+        if name not in self.named:
+            raise NotFoundError(f"File descriptor named '{name}' not found")
+        if name in in_use:
+            raise ConfigError(f"File descriptor named '{name}' is in use by the configuration")
+        _close(self.named.pop(name).fd)
+
+    def add_fd(self, fd: int, owner: int, fdset_id: int | None, opaque: str | None) -> int:
+        if fdset_id is None:
+            fdset_id = max(self.fdsets, default=-1) + 1
+        self.fdsets.setdefault(fdset_id, []).append(PassedFd(fd=fd, owner=owner, opaque=opaque))
+        return fdset_id
+
+    def remove_fd(self, fdset_id: int, fd: int | None, in_use: Collection[int]) -> None:
+        entries = self.fdsets.get(fdset_id)
+        if entries is None or (fd is not None and all(e.fd != fd for e in entries)):
+            what = f"fdset-id={fdset_id}" + (f", fd={fd}" if fd is not None else "")
+            raise NotFoundError(f"File descriptor named '{what}' not found")
+        if fdset_id in in_use:
+            raise ConfigError(f"fdset {fdset_id} is in use by the configuration")
+        for entry in [e for e in entries if fd is None or e.fd == fd]:
+            entries.remove(entry)
+            _close(entry.fd)
+        if not entries:
+            del self.fdsets[fdset_id]
+
+    def query_fdsets(self) -> list[dict[str, object]]:
+        out: list[dict[str, object]] = []
+        for fdset_id, entries in sorted(self.fdsets.items()):
+            fds: list[dict[str, object]] = []
+            for e in entries:
+                item: dict[str, object] = {"fd": e.fd}
+                if e.opaque is not None:
+                    item["opaque"] = e.opaque
+                fds.append(item)
+            out.append({"fdset-id": fdset_id, "fds": fds})
+        return out
+
+    def release_owner(self, owner: int, names_in_use: Collection[str], sets_in_use: Collection[int]) -> int:
+        """A connection ended: close what it owned, hand what is in use to the machine."""
+        closed = 0
+        for name, entry in list(self.named.items()):
+            if entry.owner != owner:
+                continue
+            if name in names_in_use:
+                entry.owner = MACHINE
+            else:
+                _close(self.named.pop(name).fd)
+                closed += 1
+        for fdset_id, entries in list(self.fdsets.items()):
+            for entry in [e for e in entries if e.owner == owner]:
+                if fdset_id in sets_in_use:
+                    entry.owner = MACHINE
+                else:
+                    entries.remove(entry)
+                    _close(entry.fd)
+                    closed += 1
+            if not entries:
+                del self.fdsets[fdset_id]
+        return closed
+
+    def collect_unused(self, names_in_use: Collection[str], sets_in_use: Collection[int]) -> None:
+        """Close machine-owned descriptors the configuration no longer names."""
+        self.release_owner(MACHINE, names_in_use, sets_in_use)
+
+    def close_all(self) -> None:
+        for entry in self.named.values():
+            _close(entry.fd)
+        for entries in self.fdsets.values():
+            for entry in entries:
+                _close(entry.fd)
+        self.named.clear()
+        self.fdsets.clear()
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError as err:
+        log.warning("closing fd %d: %s", fd, err)

@@ -1,0 +1,138 @@
+"""The command registry and the dispatcher: request -> checked call -> reply.
+
+Each command is declared once (name, argument type, return type, phases)
+with ``@registry.command``.  The dispatcher refuses, before any side effect,
+commands that do not exist, are not allowed in the current phase, or whose
+arguments fail the schema; it is also the one place where errors become
+QMP error replies.  Command code never sees JSON framing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from qmpvm.errors import CommandNotFoundError, ErrorClass, PhaseError, QmpvmError, error_reply
+from qmpvm.monitor.protocol import Request
+from qmpvm.schema import Introspector, Union, check
+
+if TYPE_CHECKING:
+    from qmpvm.vmm import Client, Vmm
+
+log = logging.getLogger(__name__)
+
+
+class Phase(StrEnum):
+    NO_MACHINE = "no-machine"
+    MACHINE_READY = "machine-ready"
+
+
+ALWAYS = frozenset(Phase)
+BEFORE_INIT = frozenset({Phase.NO_MACHINE})
+AFTER_INIT = frozenset({Phase.MACHINE_READY})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Call:
+    """What a command handler receives."""
+
+    vmm: Vmm
+    client: Client
+    args: Any  # an instance of the command's declared argument type, or None
+    name: str
+
+
+Handler = Callable[[Call], Awaitable[object]]
+EventHook = Callable[["Vmm", dict[str, object]], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandSpec:
+    name: str
+    handler: Handler
+    args: type | Union | None = None
+    returns: object = None
+    phases: frozenset[Phase] = ALWAYS
+
+
+@dataclass(slots=True)
+class Registry:
+    commands: dict[str, CommandSpec] = field(default_factory=dict)
+    events: dict[str, type | None] = field(default_factory=dict)
+    hooks: dict[str, list[EventHook]] = field(default_factory=dict)
+
+    def command(
+        self,
+        name: str,
+        *,
+        args: type | Union | None = None,
+        returns: object = None,
+        phases: frozenset[Phase] = ALWAYS,
+        aliases: Iterable[str] = (),
+    ) -> Callable[[Handler], Handler]:
+        def register(handler: Handler) -> Handler:
+            for each in (name, *aliases):
+                if each in self.commands:
+                    raise ValueError(f"command {each} declared twice")
+                self.commands[each] = CommandSpec(
+                    name=each, handler=handler, args=args, returns=returns, phases=phases
+                )
+            return handler
+
+        return register
+
+    def event(self, name: str, data: type | None = None) -> None:
+        self.events[name] = data
+
+    def hook(self, event: str, hook: EventHook) -> None:
+        """Run ``hook`` on every engine event ``event``, before clients hear it."""
+        self.hooks.setdefault(event, []).append(hook)
+
+    def schema(self) -> list[dict[str, object]]:
+        """``query-qmp-schema``: every command and event, with their types."""
+        introspector = Introspector()
+        for spec in self.commands.values():
+            introspector.command(spec.name, spec.args, spec.returns)
+        for name, data in self.events.items():
+            introspector.event(name, data)
+        return list(introspector.entries.values())
+
+
+def phase_refusal(name: str, phase: Phase) -> str:
+    if phase is Phase.NO_MACHINE:
+        return f"The command '{name}' needs a machine: run machine-init first (phase is '{phase}')"
+    return f"The command '{name}' is only allowed before machine-init (phase is '{phase}')"
+
+
+class Dispatcher:
+    def __init__(self, registry: Registry, vmm: Vmm) -> None:
+        self.registry = registry
+        self.vmm = vmm
+
+    async def dispatch(self, request: Request, client: Client) -> dict[str, object]:
+        try:
+            return request.reply(await self._run(request, client))
+        except QmpvmError as err:
+            error = error_reply(err)
+            return request.fail(str(error["class"]), str(error["desc"]))
+        except Exception:
+            log.exception("command %s failed unexpectedly", request.name)
+            return request.fail(ErrorClass.GENERIC, f"internal error in '{request.name}'; see the log")
+
+    async def _run(self, request: Request, client: Client) -> object:
+        spec = self.registry.commands.get(request.name)
+        if spec is None:
+            if self.vmm.can_forward(request.name):
+                return await self.vmm.forward(request.name, request.arguments)
+            raise CommandNotFoundError(f"The command {request.name} has not been found")
+        phase = self.vmm.phase
+        if phase not in spec.phases:
+            raise PhaseError(phase_refusal(spec.name, phase))
+        args = check(spec.args, request.arguments) if spec.args is not None else None
+        if spec.args is None and request.arguments:
+            name = next(iter(request.arguments))
+            raise QmpvmError(f"Parameter '{name}' is unexpected")
+        return await spec.handler(Call(vmm=self.vmm, client=client, args=args, name=request.name))

@@ -1,0 +1,362 @@
+"""The QMP wire protocol without I/O: bytes in, messages out, and back.
+
+Theory of operation (QMP specification, docs/interop/qmp-spec.rst):
+
+* Input is a stream of JSON values with no framing.  ``JsonSplitter`` finds
+  where each top-level value ends by tracking bracket depth and string state,
+  so a message may arrive in pieces, several may arrive in one read, and none
+  needs a newline.  Strings may be single-quoted, as QEMU's parser allows.
+* ``ServerConnection`` is the one stateful object of a session: it starts in
+  ``NEGOTIATING``, where only ``qmp_capabilities`` is accepted, and moves to
+  ``COMMANDS``.  It answers framing and negotiation errors itself and hands
+  every well-formed command to the caller as a ``Request``.
+* Output is one JSON object a line, CRLF-terminated, as QEMU writes it.
+
+Nothing here touches sockets, the event loop or the clock (time is passed in).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from qmpvm.errors import ErrorClass
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_NESTING = 1024
+
+# Bytes that are invalid anywhere in JSON; like QEMU's lexer, one of them
+# abandons the value in progress, so a client can resynchronize (0xFF, per
+# the QMP specification).
+_INVALID = rb"\x00-\x08\x0b\x0c\x0e-\x1f\xff"
+_OUTSIDE = re.compile(rb"[{}\[\]\"'" + _INVALID + rb"]")
+_IN_STRING = {
+    ord('"'): re.compile(rb'["\\' + _INVALID + rb"]"),
+    ord("'"): re.compile(rb"['\\" + _INVALID + rb"]"),
+}
+_NON_SPACE = re.compile(rb"[^ \t\r\n]")
+_BARE_END = re.compile(rb"[ \t\r\n{}\[\]\"'" + _INVALID + rb"]")
+_INVALID_BYTES = frozenset(range(0x00, 0x09)) | {0x0B, 0x0C} | frozenset(range(0x0E, 0x20)) | {0xFF}
+_OPENERS = frozenset(b"{[")
+_CLOSERS = frozenset(b"}]")
+_QUOTES = frozenset(b"\"'")
+_BACKSLASH = ord("\\")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ParseFailure:
+    """Input that could not become a JSON value; answered without an id."""
+
+    desc: str
+
+
+class JsonSplitter:
+    """Cuts a byte stream into top-level JSON values (still as bytes).
+
+    Only structure is tracked here; whether each value is valid JSON is
+    ``decode_value``'s business.  A value over ``max_bytes`` is dropped as
+    it streams by (memory stays bounded) and reported once it ends.
+    """
+
+    def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self._max_bytes = max_bytes
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._depth = 0
+        self._quote = 0  # the open quote character, or 0 outside strings
+        self._escaped = False  # the previous byte was a backslash in a string
+        self._bare = False  # inside an unquoted top-level token (e.g. 42)
+        self._in_value = False
+        self._too_deep = False
+
+    def feed(self, data: bytes) -> list[bytes | ParseFailure]:
+        out: list[bytes | ParseFailure] = []
+        pos, end, start = 0, len(data), 0
+        while pos < end:
+            if not self._in_value:
+                found = _NON_SPACE.search(data, pos)
+                if found is None:
+                    return out
+                pos = start = found.start()
+                self._in_value = True
+                byte = data[pos]
+                if byte in _INVALID_BYTES:
+                    pos += 1
+                    self._abandon(byte, out)
+                elif byte in _OPENERS:
+                    self._depth, pos = 1, pos + 1
+                elif byte in _QUOTES:
+                    self._quote, pos = byte, pos + 1
+                elif byte in _CLOSERS:
+                    pos += 1
+                    self._finish(data, start, pos, out)
+                else:
+                    self._bare = True
+                continue
+            if self._escaped:
+                self._escaped, pos = False, pos + 1
+                continue
+            if self._bare:
+                found = _BARE_END.search(data, pos)
+                if found is None:
+                    pos = end
+                    break
+                pos = found.start()
+                if data[pos] in _INVALID_BYTES:
+                    pos += 1
+                    self._abandon(data[pos - 1], out)
+                else:
+                    self._finish(data, start, pos, out)
+                continue
+            if self._quote:
+                found = _IN_STRING[self._quote].search(data, pos)
+                if found is None:
+                    pos = end
+                    break
+                pos = found.end()
+                if data[found.start()] in _INVALID_BYTES:
+                    self._abandon(data[found.start()], out)
+                elif data[found.start()] == _BACKSLASH:
+                    self._escaped = True
+                else:
+                    self._quote = 0
+                    if self._depth == 0:
+                        self._finish(data, start, pos, out)
+                continue
+            found = _OUTSIDE.search(data, pos)
+            if found is None:
+                pos = end
+                break
+            pos = found.end()
+            byte = data[found.start()]
+            if byte in _INVALID_BYTES:
+                self._abandon(byte, out)
+            elif byte in _QUOTES:
+                self._quote = byte
+            elif byte in _OPENERS:
+                self._depth += 1
+                if self._depth > MAX_NESTING:
+                    self._too_deep = True
+            else:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._finish(data, start, pos, out)
+        if self._in_value:
+            self._keep(data[start:end])
+        return out
+
+    def _abandon(self, byte: int, out: list[bytes | ParseFailure]) -> None:
+        out.append(ParseFailure(desc=f"JSON parse error, invalid byte 0x{byte:02x}"))
+        self._reset()
+
+    def _keep(self, piece: bytes) -> None:
+        self._size += len(piece)
+        if self._size <= self._max_bytes:
+            self._parts.append(piece)
+        else:
+            self._parts.clear()
+
+    def _finish(self, data: bytes, start: int, stop: int, out: list[bytes | ParseFailure]) -> None:
+        self._keep(data[start:stop])
+        if self._size > self._max_bytes:
+            out.append(ParseFailure(desc=f"JSON parse error, message exceeds {self._max_bytes} bytes"))
+        elif self._too_deep:
+            out.append(ParseFailure(desc=f"JSON parse error, nesting deeper than {MAX_NESTING}"))
+        else:
+            out.append(b"".join(self._parts))
+        self._reset()
+
+    def _reset(self) -> None:
+        self._parts = []
+        self._size = self._depth = self._quote = 0
+        self._bare = self._in_value = self._escaped = self._too_deep = False
+
+
+_STRING_TOKEN = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'""", re.DOTALL)
+
+
+def _requote(match: re.Match[str]) -> str:
+    token = match.group(0)
+    if token[0] == '"':
+        return token
+    body = re.sub(r"""\\(.)|(")""", lambda m: '\\"' if m.group(2) else _unescape_single(m), token[1:-1])
+    return f'"{body}"'
+
+
+def _unescape_single(match: re.Match[str]) -> str:
+    char = match.group(1)
+    return "'" if char == "'" else "\\" + char
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"invalid literal {name}")
+
+
+def decode_value(raw: bytes) -> object:
+    """One JSON value from the splitter, or ``ParseFailure``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return ParseFailure(desc="JSON parse error, invalid UTF-8 sequence")
+    if "'" in text:
+        text = _STRING_TOKEN.sub(_requote, text)
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as err:
+        return ParseFailure(desc=f"JSON parse error, {err}")
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, tuple | frozenset | set):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def encode(message: Mapping[str, object]) -> bytes:
+    """One line of output, as QEMU writes it."""
+    return json.dumps(message, separators=(", ", ": "), default=_plain).encode() + b"\r\n"
+
+
+def greeting(major: int, minor: int, micro: int, package: str) -> dict[str, object]:
+    version = {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": package}
+    return {"QMP": {"version": version, "capabilities": []}}
+
+
+def event(name: str, data: Mapping[str, object] | None, now: float) -> dict[str, object]:
+    seconds = int(now)
+    message: dict[str, object] = {"event": name}
+    if data is not None:
+        message["data"] = data
+    message["timestamp"] = {"seconds": seconds, "microseconds": int((now - seconds) * 1_000_000)}
+    return message
+
+
+def error(error_class: str, desc: str, msg_id: object = None, *, has_id: bool = False) -> dict[str, object]:
+    reply: dict[str, object] = {"error": {"class": error_class, "desc": desc}}
+    if has_id:
+        reply["id"] = msg_id
+    return reply
+
+
+def success(value: object, msg_id: object = None, *, has_id: bool = False) -> dict[str, object]:
+    reply: dict[str, object] = {"return": value}
+    if has_id:
+        reply["id"] = msg_id
+    return reply
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Request:
+    """A well-formed command for the dispatcher."""
+
+    name: str
+    arguments: Mapping[str, object]
+    msg_id: object = None
+    has_id: bool = False
+
+    def reply(self, value: object) -> dict[str, object]:
+        return success(value, self.msg_id, has_id=self.has_id)
+
+    def fail(self, error_class: str, desc: str) -> dict[str, object]:
+        return error(error_class, desc, self.msg_id, has_id=self.has_id)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reply:
+    """An answer the protocol layer produced by itself."""
+
+    message: dict[str, object]
+
+
+_ALLOWED_MEMBERS = frozenset({"execute", "arguments", "id"})
+
+
+def parse_request(value: object) -> Request | Reply:
+    """Check a decoded value's shape as QEMU's dispatcher does (qmp-dispatch.c)."""
+    if not isinstance(value, dict):
+        return Reply(message=error(ErrorClass.GENERIC, "QMP input must be a JSON object"))
+    has_id = "id" in value
+    msg_id = value.get("id")
+
+    def refuse(desc: str) -> Reply:
+        return Reply(message=error(ErrorClass.GENERIC, desc, msg_id, has_id=has_id))
+
+    for key in value:
+        if key == "exec-oob":
+            return refuse("QMP input member 'exec-oob' is unexpected: out-of-band is not enabled")
+        if key not in _ALLOWED_MEMBERS:
+            return refuse(f"QMP input member '{key}' is unexpected")
+    name = value.get("execute")
+    if name is None:
+        return refuse("QMP input lacks member 'execute'")
+    if not isinstance(name, str):
+        return refuse("QMP input member 'execute' must be a string")
+    arguments = value.get("arguments", {})
+    if not isinstance(arguments, dict):
+        return refuse("QMP input member 'arguments' must be an object")
+    return Request(name=name, arguments=arguments, msg_id=msg_id, has_id=has_id)
+
+
+class SessionState(enum.Enum):
+    NEGOTIATING = "negotiating"
+    COMMANDS = "commands"
+
+
+class ServerConnection:
+    """One client's protocol state: framing, negotiation, then requests."""
+
+    def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self._splitter = JsonSplitter(max_bytes)
+        self.state = SessionState.NEGOTIATING
+
+    @property
+    def wants_events(self) -> bool:
+        return self.state is SessionState.COMMANDS
+
+    def receive_data(self, data: bytes) -> Iterator[Request | Reply]:
+        """Everything ``data`` completes, in order."""
+        for raw in self._splitter.feed(data):
+            value = raw if isinstance(raw, ParseFailure) else decode_value(raw)
+            if isinstance(value, ParseFailure):
+                yield Reply(message=error(ErrorClass.GENERIC, value.desc))
+                continue
+            request = parse_request(value)
+            if isinstance(request, Reply) or self.state is SessionState.COMMANDS:
+                yield request
+            else:
+                yield self._negotiate(request)
+
+    def _negotiate(self, request: Request) -> Reply:
+        if request.name != "qmp_capabilities":
+            return Reply(
+                message=request.fail(
+                    ErrorClass.COMMAND_NOT_FOUND,
+                    "Expecting capabilities negotiation with 'qmp_capabilities'",
+                )
+            )
+        for key, value in request.arguments.items():
+            if key != "enable":
+                return Reply(message=request.fail(ErrorClass.GENERIC, f"Parameter '{key}' is unexpected"))
+            if not isinstance(value, list):
+                return Reply(
+                    message=request.fail(
+                        ErrorClass.GENERIC, "Invalid parameter type for 'enable', expected: array"
+                    )
+                )
+            for capability in value:
+                if capability == "oob":
+                    return Reply(
+                        message=request.fail(ErrorClass.GENERIC, "Capability 'oob' not available")
+                    )
+                return Reply(
+                    message=request.fail(
+                        ErrorClass.GENERIC, f"Parameter 'enable' does not accept value '{capability}'"
+                    )
+                )
+        self.state = SessionState.COMMANDS
+        return Reply(message=request.reply({}))

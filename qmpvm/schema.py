@@ -1,0 +1,310 @@
+"""Typed QMP arguments: one declaration gives checking and introspection.
+
+A command's arguments are declared as a frozen dataclass (field ``node_name``
+is QMP's ``node-name``); a flat union (QEMU's ``BlockdevOptions``,
+``Netdev``) as a ``Union`` of such dataclasses selected by a tag member.
+``check`` turns a JSON object into an instance, refusing unknown members,
+wrong types and missing members with QEMU's wording
+(qapi/qobject-input-visitor.c).  ``Introspector`` emits the same
+declarations as ``query-qmp-schema`` SchemaInfo entries (qapi/introspect.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Union as TypingUnion
+
+from qmpvm.errors import ArgumentError
+
+EXTRA_FIELD = "properties"
+"""A field of this name (Mapping[str, object]) collects members the class
+does not declare, for commands QEMU marks 'gen': false (device_add)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Union:
+    """A flat union: the ``tag`` member's value picks the variant class."""
+
+    name: str
+    tag: str
+    variants: Mapping[str, type]
+
+    def pick(self, value: Mapping[str, object], path: str) -> type:
+        full = _join(path, self.tag)
+        if self.tag not in value:
+            raise ArgumentError(f"Parameter '{full}' is missing")
+        tag = value[self.tag]
+        if not isinstance(tag, str):
+            raise ArgumentError(f"Invalid parameter type for '{full}', expected: string")
+        if tag not in self.variants:
+            raise ArgumentError(f"Parameter '{full}' does not accept value '{tag}'")
+        return self.variants[tag]
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Ref:
+    """An alternate of a name (str) or an inline definition (QEMU's BlockdevRef)."""
+
+    name: str
+    spec: type | Union
+
+
+def qmp_name(field_name: str) -> str:
+    return field_name.rstrip("_").replace("_", "-")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[str, str, object, bool], ...]:
+    """(python name, QMP name, annotation, required) for each field of ``cls``."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    out = []
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        out.append((f.name, qmp_name(f.name), hints[f.name], required))
+    return tuple(out)
+
+
+def strip_optional(annotation: object) -> object:
+    origin = typing.get_origin(annotation)
+    if origin in (TypingUnion, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
+def field_specs(cls: type) -> dict[str, object]:
+    """QMP member name -> its declared type (a class, Union or Ref)."""
+    out: dict[str, object] = {}
+    for _py_name, name, annotation, _required in _fields(cls):
+        annotation = strip_optional(annotation)
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[1]
+        out[name] = annotation
+    return out
+
+
+def check(spec: type | Union, value: object, path: str = "") -> Any:
+    """``value`` as an instance of ``spec``, or ArgumentError in QEMU's words."""
+    if isinstance(spec, Union):
+        if not isinstance(value, dict):
+            raise ArgumentError(f"Invalid parameter type for '{path or 'arguments'}', expected: object")
+        return check(spec.pick(value, path), value, path)
+    return _check_object(spec, value, path)
+
+
+def _check_object(cls: type, value: object, path: str) -> object:
+    if not isinstance(value, dict):
+        raise ArgumentError(f"Invalid parameter type for '{path}', expected: object")
+    kwargs: dict[str, object] = {}
+    extra: dict[str, object] | None = None
+    known = set()
+    for py_name, name, annotation, required in _fields(cls):
+        if py_name == EXTRA_FIELD:
+            extra = {}
+            continue
+        known.add(name)
+        if name in value:
+            kwargs[py_name] = _check_value(annotation, value[name], _join(path, name))
+        elif required:
+            raise ArgumentError(f"Parameter '{_join(path, name)}' is missing")
+    for name in value:
+        if name not in known:
+            if extra is None:
+                raise ArgumentError(f"Parameter '{_join(path, name)}' is unexpected")
+            extra[name] = value[name]
+    if extra is not None:
+        kwargs[EXTRA_FIELD] = extra
+    return cls(**kwargs)
+
+
+_JSON_TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", float: "number"}
+
+
+def _check_value(annotation: object, value: object, path: str) -> object:
+    annotation = strip_optional(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        spec = typing.get_args(annotation)[1]
+        if isinstance(spec, Ref):
+            if isinstance(value, str):
+                return value
+            if not isinstance(value, dict):
+                raise ArgumentError(f"Invalid parameter type for '{path}', expected: {spec.name}")
+            spec = spec.spec
+        return check(spec, value, path)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is object:
+        return value
+    elif isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        if not isinstance(value, str):
+            raise ArgumentError(f"Invalid parameter type for '{path}', expected: string")
+        try:
+            return annotation(value)
+        except ValueError:
+            raise ArgumentError(f"Parameter '{path}' does not accept value '{value}'") from None
+    elif typing.get_origin(annotation) is list:
+        if not isinstance(value, list):
+            raise ArgumentError(f"Invalid parameter type for '{path}', expected: array")
+        (element,) = typing.get_args(annotation)
+        return [_check_value(element, item, f"{path}[{i}]") for i, item in enumerate(value)]
+    elif typing.get_origin(annotation) in (Mapping, dict):
+        if isinstance(value, dict):
+            return value
+        raise ArgumentError(f"Invalid parameter type for '{path}', expected: object")
+    elif dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        return _check_object(annotation, value, path)
+    else:
+        raise TypeError(f"schema: unsupported annotation {annotation!r} at {path}")
+    expected = _JSON_TYPE_NAMES.get(annotation, "value")  # type: ignore[call-overload]
+    raise ArgumentError(f"Invalid parameter type for '{path}', expected: {expected}")
+
+
+def to_json(instance: object) -> dict[str, object]:
+    """The QMP object for a checked instance; unset (None) members are omitted."""
+    out: dict[str, object] = {}
+    for py_name, name, _annotation, _required in _fields(type(instance)):
+        value = getattr(instance, py_name)
+        if py_name == EXTRA_FIELD:
+            out.update(typing.cast(Mapping[str, object], value))
+        elif value is not None:
+            out[name] = _plain(value)
+    return out
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_json(value)
+    return value
+
+
+_BUILTINS = {
+    str: ("str", "string"),
+    int: ("int", "int"),
+    bool: ("bool", "boolean"),
+    float: ("number", "number"),
+    object: ("any", "value"),
+}
+
+
+class Introspector:
+    """Collects SchemaInfo entries (query-qmp-schema), each type once."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, dict[str, object]] = {}
+
+    def command(self, name: str, args: type | Union | None, returns: object) -> None:
+        entry: dict[str, object] = {"name": name, "meta-type": "command"}
+        entry["arg-type"] = self.type_name(args) if args is not None else self._empty()
+        entry["ret-type"] = self.type_name(returns)
+        entry["allow-oob"] = False
+        self.entries[name] = entry
+
+    def event(self, name: str, data: type | None) -> None:
+        arg = self.type_name(data) if data is not None else self._empty()
+        self.entries[name] = {"name": name, "meta-type": "event", "arg-type": arg}
+
+    def _empty(self) -> str:
+        self.entries.setdefault("q_empty", {"name": "q_empty", "meta-type": "object", "members": []})
+        return "q_empty"
+
+    def type_name(self, annotation: object) -> str:
+        annotation = strip_optional(annotation)
+        if annotation is None:
+            return self._empty()
+        if typing.get_origin(annotation) is typing.Annotated:
+            annotation = typing.get_args(annotation)[1]
+        if isinstance(annotation, Union):
+            return self._union(annotation)
+        if isinstance(annotation, Ref):
+            if annotation.name not in self.entries:
+                entry: dict[str, object] = {"name": annotation.name, "meta-type": "alternate"}
+                self.entries[annotation.name] = entry
+                entry["members"] = [
+                    {"type": self.type_name(str)},
+                    {"type": self.type_name(annotation.spec)},
+                ]
+            return annotation.name
+        if annotation in _BUILTINS:
+            name, json_type = _BUILTINS[annotation]  # type: ignore[index]
+            self.entries.setdefault(name, {"name": name, "meta-type": "builtin", "json-type": json_type})
+            return name
+        if typing.get_origin(annotation) is list:
+            element = self.type_name(typing.get_args(annotation)[0])
+            name = f"[{element}]"
+            self.entries.setdefault(name, {"name": name, "meta-type": "array", "element-type": element})
+            return name
+        if typing.get_origin(annotation) in (Mapping, dict):
+            return self.type_name(object)
+        if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+            values = [m.value for m in annotation]
+            self.entries.setdefault(
+                annotation.__name__,
+                {
+                    "name": annotation.__name__,
+                    "meta-type": "enum",
+                    "values": values,
+                    "members": [{"name": v} for v in values],
+                },
+            )
+            return annotation.__name__
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            return self._object(annotation)
+        raise TypeError(f"schema: cannot introspect {annotation!r}")
+
+    def _object(self, cls: type) -> str:
+        name = cls.__name__
+        if name in self.entries:
+            return name
+        self.entries[name] = {"name": name, "meta-type": "object", "members": []}
+        self.entries[name]["members"] = self._members(cls)
+        return name
+
+    def _members(self, cls: type) -> list[dict[str, object]]:
+        members: list[dict[str, object]] = []
+        for py_name, qname, annotation, required in _fields(cls):
+            if py_name == EXTRA_FIELD:
+                continue
+            member: dict[str, object] = {"name": qname, "type": self.type_name(annotation)}
+            if not required:
+                member["default"] = None
+            members.append(member)
+        return members
+
+    def _union(self, union: Union) -> str:
+        if union.name in self.entries:
+            return union.name
+        entry: dict[str, object] = {"name": union.name, "meta-type": "object"}
+        self.entries[union.name] = entry
+        variants = []
+        common: list[dict[str, object]] | None = None
+        for case, cls in union.variants.items():
+            variants.append({"case": case, "type": self._object(cls)})
+            members = self._members(cls)
+            common = members if common is None else [m for m in common if m in members]
+        entry.update({"members": common or [], "tag": union.tag, "variants": variants})
+        return union.name

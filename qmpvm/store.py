@@ -1,0 +1,73 @@
+"""The config store's SQLite adapter: documents in, documents out.
+
+One row per configuration document (see ``Config.documents``).  A command's
+change is written as one transaction; on disk the database runs in WAL mode
+with ``synchronous=FULL``, so a commit that returned is on disk and survives
+``kill -9`` of the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Mapping
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DB_NAME = "config.sqlite3"
+
+
+class Store:
+    """Keeps the last committed documents; ``commit`` writes only the delta."""
+
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.path = state_dir / DB_NAME if state_dir is not None else None
+        if state_dir is not None:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path or ":memory:", isolation_level=None)
+        if self.path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS documents (key TEXT PRIMARY KEY, doc TEXT)")
+        self._db.execute(
+            "INSERT OR IGNORE INTO meta VALUES ('schema-version', ?)", (str(SCHEMA_VERSION),)
+        )
+        self._committed: dict[str, str] = dict(
+            self._db.execute("SELECT key, doc FROM documents").fetchall()
+        )
+
+    @property
+    def documents(self) -> Mapping[str, str]:
+        return self._committed
+
+    def commit(self, documents: Mapping[str, str]) -> None:
+        """Make ``documents`` the stored state, atomically."""
+        upserts = [(k, v) for k, v in documents.items() if self._committed.get(k) != v]
+        deletes = [(k,) for k in self._committed if k not in documents]
+        if not upserts and not deletes:
+            return
+        with self._transaction():
+            self._db.executemany("INSERT OR REPLACE INTO documents VALUES (?, ?)", upserts)
+            self._db.executemany("DELETE FROM documents WHERE key = ?", deletes)
+        self._committed = dict(documents)
+        log.debug("committed %d change(s), %d deletion(s)", len(upserts), len(deletes))
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")

@@ -1,0 +1,1 @@
+"""Client tools built on the qemu.qmp library: one-shot commands, console, demo."""

@@ -1,0 +1,271 @@
+"""The control plane's state: configuration, store, descriptors, engine, events.
+
+Commands (``qmpvm.commands``) are thin and call into ``Vmm``; ``Vmm`` keeps
+the invariants that span parts: a change is committed to the store and made
+on the engine together or not at all; every client hears every event once,
+in order; the engine may die and qmpvm carries on.
+
+Runs entirely on the event loop thread; ``change_lock`` serializes the
+commands that change configuration, so concurrent clients cannot interleave
+a check and a commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qmpvm.config.model import Config
+from qmpvm.config.netdev import FD_MEMBERS
+from qmpvm.config.resource import Kind, Resource
+from qmpvm.errors import ConfigError, EngineError
+from qmpvm.fds import FdRegistry
+from qmpvm.monitor.dispatch import EventHook, Phase
+from qmpvm.store import Store
+
+if TYPE_CHECKING:
+    from qmpvm.engine.caps import Capabilities
+    from qmpvm.engine.machine import EngineMachine
+
+log = logging.getLogger(__name__)
+
+MAX_PENDING_FDS = 32
+
+FORWARDED = frozenset(
+    {
+        "cont",
+        "stop",
+        "system_reset",
+        "system_powerdown",
+        "system_wakeup",
+        "inject-nmi",
+        "ringbuf-read",
+        "ringbuf-write",
+        "human-monitor-command",
+        "qom-list",
+        "qom-get",
+        "screendump",
+        "send-key",
+        "memsave",
+        "pmemsave",
+        "migrate",
+        "migrate_cancel",
+        "migrate-set-parameters",
+        "migrate-set-capabilities",
+        "migrate-incoming",
+        "x-query-registers",
+    }
+)
+"""Engine commands relayed as they are once a machine exists (besides every
+``query-*``): they change no configuration the store keeps."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Client:
+    """One connection as commands see it: its id and the descriptors it sent."""
+
+    id: int
+    pending_fds: deque[int] = field(default_factory=deque)
+
+    def receive_fds(self, fds: list[int]) -> None:
+        for fd in fds:
+            self.pending_fds.append(fd)
+            while len(self.pending_fds) > MAX_PENDING_FDS:
+                os.close(self.pending_fds.popleft())
+
+    def take_fd(self) -> int:
+        if not self.pending_fds:
+            raise ConfigError("No file descriptor supplied via SCM_RIGHTS")
+        return self.pending_fds.popleft()
+
+    def close_pending(self) -> None:
+        while self.pending_fds:
+            os.close(self.pending_fds.popleft())
+
+
+EventSink = Callable[[dict[str, object]], None]
+
+
+@dataclass(slots=True, kw_only=True)
+class EngineSettings:
+    binary: str = "qemu-system-x86_64"
+    cache_dir: Path | None = None
+    hotplug_ports: int = 4
+
+
+class Vmm:
+    def __init__(
+        self,
+        store: Store,
+        settings: EngineSettings | None = None,
+        hooks: Mapping[str, list[EventHook]] | None = None,
+    ) -> None:
+        self.store = store
+        self._hooks = hooks or {}
+        self.settings = settings or EngineSettings()
+        self.config = Config.from_documents(store.documents)
+        self.fds = FdRegistry()
+        self.change_lock = asyncio.Lock()
+        self.machine: EngineMachine | None = None
+        self.status = "prelaunch"
+        self.last_exit: dict[str, object] | None = None
+        self.quit_requested = asyncio.Event()
+        self._sinks: list[EventSink] = []
+        self._caps_task: asyncio.Task[Capabilities | None] | None = None
+        self._next_client = 1
+
+    # -- clients and events ----------------------------------------------
+
+    def new_client(self) -> Client:
+        client = Client(id=self._next_client)
+        self._next_client += 1
+        return client
+
+    def client_gone(self, client: Client) -> None:
+        client.close_pending()
+        names, sets = self.fds_in_use()
+        closed = self.fds.release_owner(client.id, names, sets)
+        if closed:
+            log.info("client %d left: closed %d passed descriptor(s)", client.id, closed)
+
+    def add_sink(self, sink: EventSink) -> None:
+        self._sinks.append(sink)
+
+    def emit(self, name: str, data: Mapping[str, object] | None = None) -> None:
+        """Our own event, stamped now."""
+        from qmpvm.monitor.protocol import event
+
+        self.relay(event(name, data, time.time()))
+
+    def relay(self, message: dict[str, object]) -> None:
+        for hook in self._hooks.get(str(message.get("event")), ()):
+            try:
+                hook(self, message)
+            except Exception:
+                log.exception("event hook for %s failed", message.get("event"))
+        for sink in self._sinks:
+            sink(message)
+
+    # -- configuration ---------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        return Phase.MACHINE_READY if self.machine is not None else Phase.NO_MACHINE
+
+    def commit(self, new: Config) -> None:
+        """Make ``new`` the configuration, durably; then drop unused descriptors."""
+        self.store.commit(new.documents())
+        self.config = new
+        names, sets = self.fds_in_use()
+        self.fds.collect_unused(names, sets)
+
+    def fds_in_use(self) -> tuple[set[str], set[int]]:
+        names: set[str] = set()
+        sets: set[int] = set()
+        for resource in self.config.resources:
+            for name in _fd_references(resource):
+                if name.startswith("/dev/fdset/"):
+                    sets.add(int(name.removeprefix("/dev/fdset/")))
+                else:
+                    names.add(name)
+        return names, sets
+
+    # -- capabilities ----------------------------------------------------
+
+    def start_probe(self) -> None:
+        """Load (or probe) engine capabilities in the background."""
+        if self._caps_task is None:
+            self._caps_task = asyncio.get_running_loop().create_task(self._load_caps())
+
+    async def capabilities(self) -> Capabilities | None:
+        """None when the engine binary is missing: checks fall back to the engine."""
+        self.start_probe()
+        assert self._caps_task is not None
+        return await asyncio.shield(self._caps_task)
+
+    async def _load_caps(self) -> Capabilities | None:
+        from qmpvm.engine.caps import ProbeError, load_or_probe
+
+        try:
+            return await load_or_probe(self.settings.binary, self.settings.cache_dir)
+        except ProbeError as err:
+            log.warning("engine capabilities unavailable: %s", err)
+            return None
+
+    # -- the engine ------------------------------------------------------
+
+    def can_forward(self, name: str) -> bool:
+        return self.machine is not None and (name.startswith("query-") or name in FORWARDED)
+
+    async def forward(self, name: str, arguments: Mapping[str, object]) -> object:
+        return await self.engine().execute(name, arguments)
+
+    def engine(self) -> EngineMachine:
+        if self.machine is None:
+            raise EngineError("There is no machine: run machine-init first")
+        return self.machine
+
+    async def init_machine(self) -> None:
+        from qmpvm.engine.machine import EngineMachine
+
+        caps = await self.capabilities()
+        self.status = "prelaunch"
+        self.last_exit = None
+        self.machine = await EngineMachine.start(
+            self.config,
+            self.fds,
+            caps,
+            self.settings,
+            on_event=self.relay,
+            on_exit=self._engine_exited,
+        )
+
+    def _engine_exited(self, machine: EngineMachine, info: dict[str, object]) -> None:
+        if self.machine is not machine:
+            return
+        self.machine = None
+        self.status = str(info["status"])
+        self.last_exit = info
+        log.info("engine exited: %s", info)
+        self.emit("ENGINE_EXIT", info)
+
+    async def stop_engine(self) -> None:
+        machine = self.machine
+        if machine is not None:
+            await machine.stop()
+
+    async def run_locked(self, action: Callable[[], Awaitable[object]]) -> object:
+        async with self.change_lock:
+            return await action()
+
+
+def _fd_references(resource: Resource) -> Iterator[str]:
+    args = resource.args
+    if resource.kind is Kind.NETDEV:
+        for member in FD_MEMBERS:
+            value = args.get(member)
+            if isinstance(value, str) and not value.isdigit():
+                yield value
+        for member in ("fds", "vhostfds"):
+            value = args.get(member)
+            if isinstance(value, str):
+                yield from (v for v in value.split(":") if not v.isdigit())
+    elif resource.kind is Kind.BLOCK:
+        yield from _fdset_names(args)
+
+
+def _fdset_names(args: Mapping[str, object]) -> Iterator[str]:
+    filename = args.get("filename")
+    if isinstance(filename, str) and filename.startswith("/dev/fdset/"):
+        yield filename
+    for member in ("file", "backing"):
+        child = args.get(member)
+        if isinstance(child, dict):
+            yield from _fdset_names(child)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Everything qmpvm needs on a fresh Debian 12 machine: QEMU, the guest's
+# kernel and busybox, and a venv at .venv with qmpvm and its test tools.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+compgen -G "/boot/vmlinuz-*-cloud-amd64" >/dev/null || need+=(linux-image-cloud-amd64)
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" || need+=(busybox-static)
+command -v ip >/dev/null || need+=(iproute2)
+python3 -c "import ensurepip, venv" 2>/dev/null || need+=(python3-venv)
+if ((${#need[@]})); then
+    echo "setup: installing ${need[*]}" >&2
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+stamp=.venv/.qmpvm-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing qmpvm into .venv" >&2
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[dev]'
+    touch "$stamp"
+fi

@@ -1,0 +1,246 @@
+"""A real machine: QEMU on TCG boots the guest, configured over QMP only."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from conftest import QmpvmProcess, needs_qemu, pids_of, start_qmpvm
+from qmpvm.images import READY_MARKER, GuestImage, guest_cmdline
+from qmpvm.tools.console import RingbufConsole, SocketConsole
+
+pytestmark = needs_qemu
+MiB = 1024 * 1024
+BOOT_TIMEOUT = 60
+
+
+async def connect(proc: QmpvmProcess) -> QMPClient:
+    client = QMPClient("engine-test")
+    await client.connect(str(proc.socket))
+    return client
+
+
+def socket_chardev(chardev_id: str, path: Path) -> dict[str, object]:
+    addr = {"type": "unix", "data": {"path": str(path)}}
+    return {"id": chardev_id, "backend": {"type": "socket", "data": {"addr": addr, "server": True, "wait": False}}}
+
+
+async def configure(
+    client: QMPClient, guest: GuestImage, tmp: Path, *, machine: str = "q35", serial: str = "socket"
+) -> Path:
+    """The guest, its console on ttyS0; returns the console socket path."""
+    await client.execute("machine-set", {"type": machine, "accel": "tcg", "memory": 256 * MiB})
+    await client.execute(
+        "boot-set",
+        {"kernel": str(guest.kernel), "initrd": str(guest.initrd), "append": guest_cmdline(machine)},
+    )
+    console = tmp / "ttyS0.sock"
+    if serial == "socket":
+        await client.execute("chardev-add", socket_chardev("ser0", console))
+    else:
+        await client.execute("chardev-add", {"id": "ser0", "backend": {"type": "ringbuf", "data": {"size": 1 << 20}}})
+    await client.execute("device_add", {"driver": "isa-serial", "chardev": "ser0", "id": "serial0"})
+    return console
+
+
+def disk(tmp: Path, name: str, size: int = 2 * MiB) -> tuple[Path, str]:
+    path = tmp / name
+    path.write_bytes(os.urandom(size))
+    return path, hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def raw_node(node: str, path: Path) -> dict[str, object]:
+    return {"driver": "raw", "node-name": node, "file": {"driver": "file", "filename": str(path)}}
+
+
+async def next_event(client: QMPClient, name: str, timeout: float = 30, **data: object) -> dict[str, Any]:
+    """The next event ``name`` whose data has the members in ``data``."""
+    async with asyncio.timeout(timeout):
+        async for event in client.events:
+            if event["event"] == name and all(event.get("data", {}).get(k) == v for k, v in data.items()):
+                return dict(event)
+    raise AssertionError("unreachable")
+
+
+async def test_boot_to_ready_marker_on_a_ringbuf_serial(tmp_path: Path, guest: GuestImage) -> None:
+    proc = start_qmpvm(tmp_path)
+    client = await connect(proc)
+    await configure(client, guest, tmp_path, serial="ringbuf")
+    await client.execute("machine-init")
+    status = await client.execute("query-status")
+    assert status == {"status": "prelaunch", "running": False, "singlestep": False, "phase": "machine-ready"}
+    await client.execute("cont")
+    await RingbufConsole(client, "ser0").expect(READY_MARKER, BOOT_TIMEOUT)
+    assert (await client.execute("query-status"))["status"] == "running"
+    machine = await client.execute("query-machine")
+    assert machine["engine"]["accel"] == "tcg"
+    assert (await client.execute("query-kvm"))["enabled"] is False
+    await client.execute("quit")
+    await client.disconnect()
+    proc.process.wait(15)
+    assert proc.process.returncode == 0
+    assert machine["engine"]["pid"] not in pids_of("qemu-system-x86_64"), "quit leaves no engine behind"
+    assert not proc.socket.exists()
+
+
+async def test_disk_hotplug_unplug_and_two_clients_hear_shutdown(tmp_path: Path, guest: GuestImage) -> None:
+    proc = start_qmpvm(tmp_path)
+    client, watcher = await connect(proc), await connect(proc)
+    console_path = await configure(client, guest, tmp_path)
+    cold, cold_md5 = disk(tmp_path, "cold.raw")
+    hot, hot_md5 = disk(tmp_path, "hot.raw", 3 * MiB)
+    await client.execute("blockdev-add", raw_node("d0", cold))
+    await client.execute("device_add", {"driver": "virtio-blk-pci", "drive": "d0", "id": "vda"})
+    await client.execute("machine-init")
+    await client.execute("cont")
+    console = await SocketConsole.connect(str(console_path))
+    await console.expect(READY_MARKER, BOOT_TIMEOUT)
+    assert (await console.run("md5sum /dev/vda")).split()[0] == cold_md5
+
+    with pytest.raises(ExecuteError, match="'memory' is a boot-only setting"):
+        await client.execute("machine-set", {"memory": 512 * MiB})
+    with pytest.raises(ExecuteError, match="'kernel' is a boot-only setting"):
+        await client.execute("boot-set", {"kernel": str(guest.kernel)})
+    with pytest.raises(ExecuteError, match="only allowed before machine-init"):
+        await client.execute("machine-init")
+
+    await client.execute("blockdev-add", raw_node("d1", hot))
+    await client.execute("device_add", {"driver": "virtio-blk-pci", "drive": "d1", "id": "vdb"})
+    assert "vdb" in await console.run("for i in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/block/vdb ] && break; sleep 0.5; done; ls /sys/block")
+    assert (await console.run("md5sum /dev/vdb")).split()[0] == hot_md5
+    export = await client.execute("config-export")
+    assert {"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "drive": "d1", "id": "vdb"}} in export
+    machine = await client.execute("query-machine")
+    assert "qmpvm-hp0" in machine["engine"]["hotplug-ports"]
+    pci = await client.execute("query-pci")
+    assert pci, "the running machine answers query-pci"
+
+    with pytest.raises(ExecuteError, match="is in use by device 'vdb'"):
+        await client.execute("blockdev-del", {"node-name": "d1"})
+    await client.execute("device_del", {"id": "vdb"})
+    deleted = await next_event(watcher, "DEVICE_DELETED", device="vdb")
+    assert deleted["data"]["path"] == "/machine/peripheral/vdb"
+    devices = (await client.execute("query-machine"))["devices"]
+    assert all(d.get("id") != "vdb" for d in devices), "the store forgets the device on DEVICE_DELETED"
+    await client.execute("blockdev-del", {"node-name": "d1"})
+    assert all(n["node-name"] != "d1" for n in (await client.execute("query-machine"))["block-nodes"])
+
+    await console.write("poweroff -f\n")
+    first, second = await asyncio.gather(next_event(client, "SHUTDOWN"), next_event(watcher, "SHUTDOWN"))
+    assert first["data"]["guest"] is True and second["data"]["guest"] is True
+    exit_event = await next_event(client, "ENGINE_EXIT")
+    assert exit_event["data"]["status"] == "shutdown"
+    status = await client.execute("query-status")
+    assert status["status"] == "shutdown" and status["phase"] == "no-machine"
+    assert (await client.execute("query-machine"))["devices"][-1]["id"] == "vda", "the store is intact"
+    await console.close()
+    await client.disconnect()
+    await watcher.disconnect()
+    proc.stop()
+
+
+async def test_engine_killed_then_machine_init_boots_again(tmp_path: Path, guest: GuestImage) -> None:
+    proc = start_qmpvm(tmp_path)
+    client = await connect(proc)
+    await configure(client, guest, tmp_path, serial="ringbuf")
+    await client.execute("machine-init")
+    await client.execute("cont")
+    await RingbufConsole(client, "ser0").expect(READY_MARKER, BOOT_TIMEOUT)
+    engine_pid = (await client.execute("query-machine"))["engine"]["pid"]
+    os.kill(engine_pid, signal.SIGKILL)
+    event = await next_event(client, "ENGINE_EXIT")
+    assert event["data"]["status"] == "internal-error"
+    assert event["data"]["signal"] == "SIGKILL"
+    status = await client.execute("query-status")
+    assert status == {"status": "internal-error", "running": False, "singlestep": False, "phase": "no-machine"}
+    assert "SIGKILL" in (await client.execute("query-machine"))["last-exit"]["reason"]
+    assert proc.process.poll() is None, "qmpvm stays up"
+    await client.execute("machine-init")
+    await client.execute("cont")
+    await RingbufConsole(client, "ser0").expect(READY_MARKER, BOOT_TIMEOUT)
+    new_pid = (await client.execute("query-machine"))["engine"]["pid"]
+    assert new_pid != engine_pid
+    proc.process.send_signal(signal.SIGTERM)
+    proc.process.wait(15)
+    await client.disconnect()
+    deadline = time.monotonic() + 5
+    while new_pid in pids_of("qemu-system-x86_64") and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert new_pid not in pids_of("qemu-system-x86_64"), "SIGTERM to qmpvm stops the engine"
+
+
+async def test_qmpvm_killed_takes_its_engine_along(tmp_path: Path, guest: GuestImage) -> None:
+    proc = start_qmpvm(tmp_path)
+    client = await connect(proc)
+    await configure(client, guest, tmp_path, serial="ringbuf")
+    await client.execute("machine-init")
+    engine_pid = (await client.execute("query-machine"))["engine"]["pid"]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.process.wait()
+    deadline = time.monotonic() + 5
+    while engine_pid in pids_of("qemu-system-x86_64") and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert engine_pid not in pids_of("qemu-system-x86_64"), "no orphan engine outlives qmpvm"
+
+
+async def test_engine_capabilities_checked_when_issued(tmp_path: Path, guest: GuestImage) -> None:
+    proc = start_qmpvm(tmp_path)
+    client = await connect(proc)
+    with pytest.raises(ExecuteError, match="'virtio-floppy' is not a valid device model name"):
+        await client.execute("device_add", {"driver": "virtio-floppy"})
+    with pytest.raises(ExecuteError, match="Property 'virtio-rng-pci.colour' not found"):
+        await client.execute("device_add", {"driver": "virtio-rng-pci", "colour": "blue"})
+    with pytest.raises(ExecuteError, match="Machine type 'pdp11' is not supported"):
+        await client.execute("machine-set", {"type": "pdp11"})
+    names = {m["name"] for m in await client.execute("query-machines")}
+    assert {"q35", "microvm"} <= names or any(n.startswith("pc-q35") for n in names)
+    props = {p["name"] for p in await client.execute("device-list-properties", {"typename": "virtio-blk-pci"})}
+    assert "drive" in props
+    assert (await client.execute("query-machine"))["devices"] == []
+    await client.disconnect()
+    proc.stop()
+
+
+async def test_failed_machine_init_leaves_nothing_behind(tmp_path: Path, guest: GuestImage) -> None:
+    proc = start_qmpvm(tmp_path)
+    client = await connect(proc)
+    await configure(client, guest, tmp_path, serial="ringbuf")
+    await client.execute("blockdev-add", raw_node("gone", tmp_path / "missing.raw"))
+    before = pids_of("qemu-system-x86_64")
+    with pytest.raises(ExecuteError) as caught:
+        await client.execute("machine-init")
+    assert "missing.raw" in str(caught.value), "the engine's own words"
+    status = await client.execute("query-status")
+    assert status["phase"] == "no-machine"
+    assert pids_of("qemu-system-x86_64") <= before, "no engine left behind"
+    await client.execute("blockdev-del", {"node-name": "gone"})
+    await client.execute("machine-init")
+    assert (await client.execute("query-status"))["phase"] == "machine-ready"
+    await client.execute("quit")
+    await client.disconnect()
+    proc.process.wait(15)
+
+
+async def test_microvm_refuses_hotplug(tmp_path: Path, guest: GuestImage) -> None:
+    proc = start_qmpvm(tmp_path)
+    client = await connect(proc)
+    await configure(client, guest, tmp_path, machine="microvm", serial="ringbuf")
+    await client.execute("machine-init")
+    await client.execute("cont")
+    await RingbufConsole(client, "ser0").expect(READY_MARKER, BOOT_TIMEOUT)
+    hot, _ = disk(tmp_path, "hot.raw")
+    await client.execute("blockdev-add", raw_node("d1", hot))
+    with pytest.raises(ExecuteError, match="cannot be hot-plugged: machine type 'microvm'"):
+        await client.execute("device_add", {"driver": "virtio-blk-device", "drive": "d1", "id": "vdb"})
+    assert all(d.get("id") != "vdb" for d in (await client.execute("query-machine"))["devices"])
+    await client.execute("quit")
+    await client.disconnect()
+    proc.process.wait(15)
