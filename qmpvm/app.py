@@ -46,11 +46,13 @@ def read_config_file(path: str) -> list[dict[str, object]]:
         except ValueError as err:
             raise StartupError(f"--config {path}: not JSON: {err}") from err
     if not all(isinstance(item, dict) and "execute" in item for item in items):
-        raise StartupError(f"--config {path}: expected QMP commands ({{\"execute\": ...}})")
+        raise StartupError(f'--config {path}: expected QMP commands ({{"execute": ...}})')
     return items
 
 
-async def replay(dispatcher: Dispatcher, vmm: Vmm, commands: list[dict[str, object]], origin: str) -> None:
+async def replay(
+    dispatcher: Dispatcher, vmm: Vmm, commands: list[dict[str, object]], origin: str
+) -> None:
     client = vmm.new_client()
     try:
         for command in commands:
@@ -129,4 +131,3 @@ def run(options: Options) -> int:
             print(json.dumps(command))
         return 0
     return asyncio.run(serve(options))
-

@@ -8,6 +8,7 @@ This module only parses; ``qmpvm.app`` runs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
@@ -176,7 +177,9 @@ class _Parser:
             host, _, port = where.rpartition(":")
             if not port.isdigit():
                 self.fail(f"-qmp {spec}: expected tcp:HOST:PORT")
-            self.options.listeners.append(Listener(kind="tcp", host=host or "127.0.0.1", port=int(port)))
+            self.options.listeners.append(
+                Listener(kind="tcp", host=host or "127.0.0.1", port=int(port))
+            )
         else:
             self.fail(f"-qmp {spec}: expected unix:PATH or tcp:HOST:PORT")
 
@@ -190,7 +193,7 @@ class _Parser:
             self.options.print_qmp = True
         elif option in ("-v", "-verbose"):
             self.options.verbosity += 1
-        elif option == "-help" or option == "-h":
+        elif option in {"-help", "-h"}:
             sys.stdout.write(USAGE)
             raise SystemExit(0)
         elif option == "-version":
@@ -268,9 +271,13 @@ class _Parser:
             elif kind == "unix":
                 tree = {"backend": "socket", "id": chardev_id, **parse("path=" + rest)}
             else:
-                self.fail(f"-serial {spec}: expected chardev:ID, file:PATH, unix:PATH, null or none")
+                self.fail(
+                    f"-serial {spec}: expected chardev:ID, file:PATH, unix:PATH, null or none"
+                )
             self.options.commands.append(_cmd("chardev-add", chardev_arguments(tree)))
-        self.options.commands.append(_cmd("device_add", {"driver": "isa-serial", "chardev": chardev_id}))
+        self.options.commands.append(
+            _cmd("device_add", {"driver": "isa-serial", "chardev": chardev_id})
+        )
 
     def _blockdev(self, option: str, args: Iterator[str]) -> None:
         tree = _structured(self.value(args, option), None)
@@ -310,7 +317,12 @@ class _Parser:
     def _nic(self, option: str, args: Iterator[str]) -> None:
         text = self.value(args, option)
         tree = parse(text, "type")
-        model = str(tree.pop("model", "virtio-net-device" if self._machine_type == "microvm" else "virtio-net-pci"))
+        model = str(
+            tree.pop(
+                "model",
+                "virtio-net-device" if self._machine_type == "microvm" else "virtio-net-pci",
+            )
+        )
         mac = tree.pop("mac", None)
         netdev_id = str(tree.pop("id", None) or self.next_id("nic"))
         rest = ",".join(f"{k}={v}" for k, v in tree.items() if k != "type")
@@ -358,7 +370,7 @@ class _Parser:
 
 def _scan_machine_type(argv: list[str]) -> str | None:
     found = None
-    for option, value in zip(argv, argv[1:], strict=False):
+    for option, value in itertools.pairwise(argv):
         if option.lstrip("-") in ("M", "machine"):
             found = str(parse(value, "type").get("type"))
     return found
@@ -381,7 +393,10 @@ def chardev_arguments(tree: dict[str, object]) -> dict[str, object]:
         if "path" in tree:
             addr: dict[str, object] = {"type": "unix", "data": {"path": tree.pop("path")}}
         elif "port" in tree:
-            addr = {"type": "inet", "data": {"host": tree.pop("host", "127.0.0.1"), "port": tree.pop("port")}}
+            addr = {
+                "type": "inet",
+                "data": {"host": tree.pop("host", "127.0.0.1"), "port": tree.pop("port")},
+            }
         else:
             raise UsageError("-chardev socket: path= or host=,port= is required")
         data = {"addr": addr, **tree}
@@ -389,7 +404,7 @@ def chardev_arguments(tree: dict[str, object]) -> dict[str, object]:
         data = {"out": tree.pop("path", ""), **tree}
     else:
         data = tree
-    arguments = {"id": chardev_id, "backend": {"type": backend, "data": data}}
+    arguments: dict[str, object] = {"id": chardev_id, "backend": {"type": backend, "data": data}}
     return _typed(chardev.ChardevAdd, arguments)
 
 

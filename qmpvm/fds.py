@@ -79,7 +79,9 @@ class FdRegistry:
             out.append({"fdset-id": fdset_id, "fds": fds})
         return out
 
-    def release_owner(self, owner: int, names_in_use: Collection[str], sets_in_use: Collection[int]) -> int:
+    def release_owner(
+        self, owner: int, names_in_use: Collection[str], sets_in_use: Collection[int]
+    ) -> int:
         """A connection ended: close what it owned, hand what is in use to the machine."""
         closed = 0
         for name, entry in list(self.named.items()):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
 
 from qmpvm.errors import ArgumentError
 from qmpvm.schema import Ref, Union, field_specs, strip_optional

@@ -18,7 +18,8 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Union as TypingUnion
+from typing import Any
+from typing import Union as TypingUnion
 
 from qmpvm.errors import ArgumentError
 
@@ -86,8 +87,8 @@ def strip_optional(annotation: object) -> object:
 def field_specs(cls: type) -> dict[str, object]:
     """QMP member name -> its declared type (a class, Union or Ref)."""
     out: dict[str, object] = {}
-    for _py_name, name, annotation, _required in _fields(cls):
-        annotation = strip_optional(annotation)
+    for _py_name, name, declared, _required in _fields(cls):
+        annotation = strip_optional(declared)
         if typing.get_origin(annotation) is typing.Annotated:
             annotation = typing.get_args(annotation)[1]
         out[name] = annotation
@@ -98,7 +99,9 @@ def check(spec: type | Union, value: object, path: str = "") -> Any:
     """``value`` as an instance of ``spec``, or ArgumentError in QEMU's words."""
     if isinstance(spec, Union):
         if not isinstance(value, dict):
-            raise ArgumentError(f"Invalid parameter type for '{path or 'arguments'}', expected: object")
+            raise ArgumentError(
+                f"Invalid parameter type for '{path or 'arguments'}', expected: object"
+            )
         return check(spec.pick(value, path), value, path)
     return _check_object(spec, value, path)
 
@@ -128,7 +131,12 @@ def _check_object(cls: type, value: object, path: str) -> object:
     return cls(**kwargs)
 
 
-_JSON_TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", float: "number"}
+_JSON_TYPE_NAMES: dict[type, str] = {
+    str: "string",
+    int: "integer",
+    bool: "boolean",
+    float: "number",
+}
 
 
 def _check_value(annotation: object, value: object, path: str) -> object:
@@ -176,14 +184,16 @@ def _check_value(annotation: object, value: object, path: str) -> object:
         return _check_object(annotation, value, path)
     else:
         raise TypeError(f"schema: unsupported annotation {annotation!r} at {path}")
-    expected = _JSON_TYPE_NAMES.get(annotation, "value")  # type: ignore[call-overload]
+    expected = (
+        _JSON_TYPE_NAMES.get(annotation, "value") if isinstance(annotation, type) else "value"
+    )
     raise ArgumentError(f"Invalid parameter type for '{path}', expected: {expected}")
 
 
 def to_json(instance: object) -> dict[str, object]:
     """The QMP object for a checked instance; unset (None) members are omitted."""
     out: dict[str, object] = {}
-    for py_name, name, _annotation, _required in _fields(type(instance)):
+    for py_name, name, _annotation, _required in _fields(typing.cast(type, type(instance))):
         value = getattr(instance, py_name)
         if py_name == EXTRA_FIELD:
             out.update(typing.cast(Mapping[str, object], value))
@@ -202,7 +212,7 @@ def _plain(value: object) -> object:
     return value
 
 
-_BUILTINS = {
+_BUILTINS: dict[type, tuple[str, str]] = {
     str: ("str", "string"),
     int: ("int", "int"),
     bool: ("bool", "boolean"),
@@ -229,7 +239,9 @@ class Introspector:
         self.entries[name] = {"name": name, "meta-type": "event", "arg-type": arg}
 
     def _empty(self) -> str:
-        self.entries.setdefault("q_empty", {"name": "q_empty", "meta-type": "object", "members": []})
+        self.entries.setdefault(
+            "q_empty", {"name": "q_empty", "meta-type": "object", "members": []}
+        )
         return "q_empty"
 
     def type_name(self, annotation: object) -> str:
@@ -250,13 +262,17 @@ class Introspector:
                 ]
             return annotation.name
         if annotation in _BUILTINS:
-            name, json_type = _BUILTINS[annotation]  # type: ignore[index]
-            self.entries.setdefault(name, {"name": name, "meta-type": "builtin", "json-type": json_type})
+            name, json_type = _BUILTINS[annotation]
+            self.entries.setdefault(
+                name, {"name": name, "meta-type": "builtin", "json-type": json_type}
+            )
             return name
         if typing.get_origin(annotation) is list:
             element = self.type_name(typing.get_args(annotation)[0])
             name = f"[{element}]"
-            self.entries.setdefault(name, {"name": name, "meta-type": "array", "element-type": element})
+            self.entries.setdefault(
+                name, {"name": name, "meta-type": "array", "element-type": element}
+            )
             return name
         if typing.get_origin(annotation) in (Mapping, dict):
             return self.type_name(object)

@@ -42,7 +42,9 @@ class QmpvmProcess:
                 self.process.wait()
 
 
-def start_qmpvm(tmp: Path, *extra: str, state_dir: Path | None = None, name: str = "qmp") -> QmpvmProcess:
+def start_qmpvm(
+    tmp: Path, *extra: str, state_dir: Path | None = None, name: str = "qmp"
+) -> QmpvmProcess:
     sock = tmp / f"{name}.sock"
     stderr_path = tmp / f"{name}.stderr"
     argv = [sys.executable, "-m", "qmpvm", "-qmp", f"unix:{sock},server=on,wait=off", "-v"]

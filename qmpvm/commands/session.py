@@ -54,7 +54,10 @@ async def query_kvm(call: Call) -> object:
     from qmpvm.engine.host import kvm_state
 
     machine = call.vmm.machine
-    return {"enabled": machine is not None and machine.accel == "kvm", "present": kvm_state().present}
+    return {
+        "enabled": machine is not None and machine.accel == "kvm",
+        "present": kvm_state().present,
+    }
 
 
 @REGISTRY.command("query-status", returns=object)

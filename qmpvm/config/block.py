@@ -65,8 +65,6 @@ class BlockdevNull(BlockdevBase):
     read_zeroes: bool | None = None
 
 
-
-
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BlockdevRaw(BlockdevBase):
     file: Annotated[object, Ref("BlockdevRef", BlockdevOptions)]

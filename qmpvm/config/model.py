@@ -128,7 +128,9 @@ class Config:
         if self.boot.kernel is not None:
             commands.append({"execute": "boot-set", "arguments": to_json(self.boot)})
         for resource in self.resources:
-            commands.append({"execute": CREATE_COMMAND[resource.kind], "arguments": dict(resource.args)})
+            commands.append(
+                {"execute": CREATE_COMMAND[resource.kind], "arguments": dict(resource.args)}
+            )
         for name, up in sorted(self.links.items()):
             commands.append({"execute": "set_link", "arguments": {"name": name, "up": up}})
         return commands

@@ -114,7 +114,11 @@ class EngineMachine:
         try:
             link = await EngineLink.open(ours, on_event=deliver, timeout=START_TIMEOUT)
             machine = cls(
-                process, link, accel=accel, hotplug_ports=plan.hotplug_ports, stderr=stderr,
+                process,
+                link,
+                accel=accel,
+                hotplug_ports=plan.hotplug_ports,
+                stderr=stderr,
                 on_exit=on_exit,
             )
             for name, arguments in plan.after_start:
@@ -124,7 +128,9 @@ class EngineMachine:
             await asyncio.wait_for(stderr_task, 2)
             ours.close()
             raise EngineError(_failure_text(err, stderr)) from err
-        machine._supervisor = asyncio.get_running_loop().create_task(machine._supervise(stderr_task))
+        machine._supervisor = asyncio.get_running_loop().create_task(
+            machine._supervise(stderr_task)
+        )
         return machine
 
     def _event(self, message: dict[str, object]) -> None:

@@ -120,7 +120,9 @@ class Dispatcher:
             return request.fail(str(error["class"]), str(error["desc"]))
         except Exception:
             log.exception("command %s failed unexpectedly", request.name)
-            return request.fail(ErrorClass.GENERIC, f"internal error in '{request.name}'; see the log")
+            return request.fail(
+                ErrorClass.GENERIC, f"internal error in '{request.name}'; see the log"
+            )
 
     async def _run(self, request: Request, client: Client) -> object:
         spec = self.registry.commands.get(request.name)

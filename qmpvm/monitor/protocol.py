@@ -162,7 +162,9 @@ class JsonSplitter:
     def _finish(self, data: bytes, start: int, stop: int, out: list[bytes | ParseFailure]) -> None:
         self._keep(data[start:stop])
         if self._size > self._max_bytes:
-            out.append(ParseFailure(desc=f"JSON parse error, message exceeds {self._max_bytes} bytes"))
+            out.append(
+                ParseFailure(desc=f"JSON parse error, message exceeds {self._max_bytes} bytes")
+            )
         elif self._too_deep:
             out.append(ParseFailure(desc=f"JSON parse error, nesting deeper than {MAX_NESTING}"))
         else:
@@ -182,7 +184,9 @@ def _requote(match: re.Match[str]) -> str:
     token = match.group(0)
     if token[0] == '"':
         return token
-    body = re.sub(r"""\\(.)|(")""", lambda m: '\\"' if m.group(2) else _unescape_single(m), token[1:-1])
+    body = re.sub(
+        r"""\\(.)|(")""", lambda m: '\\"' if m.group(2) else _unescape_single(m), token[1:-1]
+    )
     return f'"{body}"'
 
 
@@ -236,7 +240,9 @@ def event(name: str, data: Mapping[str, object] | None, now: float) -> dict[str,
     return message
 
 
-def error(error_class: str, desc: str, msg_id: object = None, *, has_id: bool = False) -> dict[str, object]:
+def error(
+    error_class: str, desc: str, msg_id: object = None, *, has_id: bool = False
+) -> dict[str, object]:
     reply: dict[str, object] = {"error": {"class": error_class, "desc": desc}}
     if has_id:
         reply["id"] = msg_id
@@ -341,7 +347,9 @@ class ServerConnection:
             )
         for key, value in request.arguments.items():
             if key != "enable":
-                return Reply(message=request.fail(ErrorClass.GENERIC, f"Parameter '{key}' is unexpected"))
+                return Reply(
+                    message=request.fail(ErrorClass.GENERIC, f"Parameter '{key}' is unexpected")
+                )
             if not isinstance(value, list):
                 return Reply(
                     message=request.fail(
@@ -355,7 +363,8 @@ class ServerConnection:
                     )
                 return Reply(
                     message=request.fail(
-                        ErrorClass.GENERIC, f"Parameter 'enable' does not accept value '{capability}'"
+                        ErrorClass.GENERIC,
+                        f"Parameter 'enable' does not accept value '{capability}'",
                     )
                 )
         self.state = SessionState.COMMANDS

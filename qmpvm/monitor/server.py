@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -31,7 +32,9 @@ _FD_ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsiz
 
 
 class Session:
-    def __init__(self, sock: socket.socket, server: MonitorServer, client: Client, peer: str) -> None:
+    def __init__(
+        self, sock: socket.socket, server: MonitorServer, client: Client, peer: str
+    ) -> None:
         self.sock = sock
         self.server = server
         self.client = client
@@ -107,7 +110,9 @@ class Session:
         try:
             self._out.put_nowait(data)
         except asyncio.QueueFull:
-            self.log.warning("dropped: output queue full (%d messages); client is not reading", OUTPUT_QUEUE)
+            self.log.warning(
+                "dropped: output queue full (%d messages); client is not reading", OUTPUT_QUEUE
+            )
             self._dropped = True
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
@@ -131,7 +136,9 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
 
 
 class MonitorServer:
-    def __init__(self, dispatcher: Dispatcher, vmm: Vmm, greeting_message: dict[str, object]) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, vmm: Vmm, greeting_message: dict[str, object]
+    ) -> None:
         self.dispatcher = dispatcher
         self.vmm = vmm
         self.greeting = greeting_message
@@ -171,7 +178,9 @@ class MonitorServer:
         self._listeners.append((sock, path))
         self._accepting.append(asyncio.get_running_loop().create_task(self._accept_loop(sock)))
 
-    def _spawn(self, coro: object, on_done: Callable[[asyncio.Task[None]], None] | None = None) -> None:
+    def _spawn(
+        self, coro: object, on_done: Callable[[asyncio.Task[None]], None] | None = None
+    ) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -190,7 +199,10 @@ class MonitorServer:
             sock.setblocking(False)
             session = Session(sock, self, self.vmm.new_client(), str(addr) or "unix")
             self.sessions.add(session)
-            self._spawn(session.run(), lambda _t, s=session: self.sessions.discard(s))
+            self._spawn(session.run(), functools.partial(self._session_done, session))
+
+    def _session_done(self, session: Session, _task: asyncio.Task[None]) -> None:
+        self.sessions.discard(session)
 
     async def close(self, grace: float = 2.0) -> None:
         for sock, path in self._listeners:

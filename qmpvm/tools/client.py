@@ -81,7 +81,8 @@ async def _chardev_path(target: str, chardev: str) -> str:
 
 def console_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
-        prog="qmpvm console", description="Attach this terminal to a guest serial port (Ctrl-] detaches)."
+        prog="qmpvm console",
+        description="Attach this terminal to a guest serial port (Ctrl-] detaches).",
     )
     parser.add_argument("socket", help="QMP socket path, or HOST:PORT")
     parser.add_argument("--chardev", default="ser0", help="socket chardev id (default ser0)")
@@ -89,7 +90,9 @@ def console_main(argv: list[str]) -> int:
     path = asyncio.run(_chardev_path(opts.socket, opts.chardev))
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(path)
-        print(f"qmpvm console: connected to {opts.chardev} ({path}); Ctrl-] detaches", file=sys.stderr)
+        print(
+            f"qmpvm console: connected to {opts.chardev} ({path}); Ctrl-] detaches", file=sys.stderr
+        )
         _pump(sock)
     return 0
 

@@ -10,6 +10,7 @@ the boot benchmark.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 from qemu.qmp import QMPClient
@@ -117,7 +118,5 @@ class SocketConsole(GuestConsole):
 
     async def close(self) -> None:
         self._writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self._writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass

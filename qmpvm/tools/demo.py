@@ -32,7 +32,9 @@ def _show(direction: str, message: object) -> None:
     print(f"{direction} {json.dumps(message)}", flush=True)
 
 
-async def _execute(client: QMPClient, command: str, arguments: dict[str, object] | None = None) -> object:
+async def _execute(
+    client: QMPClient, command: str, arguments: dict[str, object] | None = None
+) -> object:
     request: dict[str, object] = {"execute": command}
     if arguments:
         request["arguments"] = arguments
@@ -42,7 +44,9 @@ async def _execute(client: QMPClient, command: str, arguments: dict[str, object]
     return reply
 
 
-async def _wait_for_socket(path: Path, process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+async def _wait_for_socket(
+    path: Path, process: subprocess.Popen[bytes], timeout: float = 10
+) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -67,7 +71,8 @@ async def demo(workdir: Path, accel: str) -> int:
         await _wait_for_socket(sock, process)
         client = QMPClient("demo")
         await client.connect(str(sock))
-        _show("<--", client.greeting._asdict())
+        if client.greeting is not None:
+            _show("<--", client.greeting._asdict())
         print("== configuring the machine over QMP", flush=True)
         await _execute(client, "query-status")
         await _execute(
@@ -78,7 +83,11 @@ async def demo(workdir: Path, accel: str) -> int:
         await _execute(
             client,
             "boot-set",
-            {"kernel": str(guest.kernel), "initrd": str(guest.initrd), "append": guest_cmdline("q35")},
+            {
+                "kernel": str(guest.kernel),
+                "initrd": str(guest.initrd),
+                "append": guest_cmdline("q35"),
+            },
         )
         console_path = workdir / "ttyS0.sock"
         await _execute(
@@ -88,17 +97,29 @@ async def demo(workdir: Path, accel: str) -> int:
                 "id": "ser0",
                 "backend": {
                     "type": "socket",
-                    "data": {"addr": {"type": "unix", "data": {"path": str(console_path)}}, "server": True, "wait": False},
+                    "data": {
+                        "addr": {"type": "unix", "data": {"path": str(console_path)}},
+                        "server": True,
+                        "wait": False,
+                    },
                 },
             },
         )
-        await _execute(client, "device_add", {"driver": "isa-serial", "chardev": "ser0", "id": "serial0"})
+        await _execute(
+            client, "device_add", {"driver": "isa-serial", "chardev": "ser0", "id": "serial0"}
+        )
         await _execute(
             client,
             "blockdev-add",
-            {"driver": "raw", "node-name": "disk0", "file": {"driver": "file", "filename": str(disk)}},
+            {
+                "driver": "raw",
+                "node-name": "disk0",
+                "file": {"driver": "file", "filename": str(disk)},
+            },
         )
-        await _execute(client, "device_add", {"driver": "virtio-blk-pci", "drive": "disk0", "id": "vda"})
+        await _execute(
+            client, "device_add", {"driver": "virtio-blk-pci", "drive": "disk0", "id": "vda"}
+        )
         await _execute(client, "config-export")
         print("== creating and starting the machine", flush=True)
         await _execute(client, "machine-init")
@@ -122,7 +143,10 @@ async def demo(workdir: Path, accel: str) -> int:
         await _execute(client, "quit")
         await client.disconnect()
         process.wait(timeout=10)
-        print(f"== done in {time.monotonic() - started:.2f}s; qmpvm exited with {process.returncode}", flush=True)
+        print(
+            f"== done in {time.monotonic() - started:.2f}s; qmpvm exited with {process.returncode}",
+            flush=True,
+        )
         return 0
     finally:
         if process.poll() is None:

@@ -85,9 +85,18 @@ def test_block_child_references_resolve() -> None:
 
 def test_export_diff_lists_only_what_differs_from_defaults() -> None:
     export = sample().export(diff=True)
-    assert export[0] == {"execute": "machine-set", "arguments": {"accel": "tcg", "memory": 256 << 20}}
+    assert export[0] == {
+        "execute": "machine-set",
+        "arguments": {"accel": "tcg", "memory": 256 << 20},
+    }
     assert [c["execute"] for c in export] == [
-        "machine-set", "boot-set", "chardev-add", "blockdev-add", "device_add", "device_add", "set_link",
+        "machine-set",
+        "boot-set",
+        "chardev-add",
+        "blockdev-add",
+        "device_add",
+        "device_add",
+        "set_link",
     ]
     full = sample().export(diff=False)
     assert full[0]["arguments"] == {"type": "q35", "accel": "tcg", "memory": 256 << 20, "cpus": 1}
@@ -103,7 +112,9 @@ def test_documents_round_trip_through_the_api_checks() -> None:
 def test_schema_errors_use_qemu_wording() -> None:
     with pytest.raises(ArgumentError, match="Parameter 'bogus' is unexpected"):
         check(MachineSet, {"bogus": 1})
-    with pytest.raises(ArgumentError, match="Invalid parameter type for 'memory', expected: integer"):
+    with pytest.raises(
+        ArgumentError, match="Invalid parameter type for 'memory', expected: integer"
+    ):
         check(MachineSet, {"memory": "1G"})
     with pytest.raises(ArgumentError, match="Invalid parameter type for 'cpus', expected: integer"):
         check(MachineSet, {"cpus": True})

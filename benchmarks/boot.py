@@ -1,0 +1,314 @@
+"""Boot to a ready guest: qmpvm configured over QMP against plain QEMU, in one run.
+
+Both boot the same machine: q35, TCG, 1 vCPU, 256 MiB, the test guest
+(``qmpvm.images.build_guest()``: the host's kernel and a busybox initramfs)
+with ``console=ttyS0 quiet panic=-1``, ttyS0 on a UNIX socket chardev
+(``server=on,wait=off``) and one 4 MiB raw disk on virtio-blk-pci.  The clock
+runs from ``Popen`` to :data:`qmpvm.images.READY_MARKER` read from the serial
+socket (the same transport and the same reader for both).
+
+(a) plain QEMU, one command line::
+
+      qemu-system-x86_64 -nodefaults -no-user-config -display none
+        -machine q35 -accel tcg -m 256M -smp 1
+        -kernel K -initrd I -append "console=ttyS0 quiet panic=-1"
+        -chardev socket,id=ser0,path=S,server=on,wait=off -serial chardev:ser0
+        -blockdev '{"driver":"raw","node-name":"disk0","file":{...}}'
+        -device virtio-blk-pci,drive=disk0,id=vda
+
+(b) qmpvm started as ``sys.executable -m qmpvm -qmp unix:Q,server=on,wait=off
+    --preconfig`` and configured entirely over QMP with one ``qemu.qmp``
+    client: machine-set, boot-set, chardev-add (socket), device_add
+    isa-serial, blockdev-add, device_add virtio-blk-pci, machine-init, cont.
+    qmpvm's engine command line also carries 4 ``pcie-root-port`` devices
+    (qmpvm adds them on q35 so that PCI devices can be hot-plugged later).
+
+The two alternate, ``--runs`` (5) times each after one unmeasured warm-up of
+each, and every process is ended after its run (qmpvm with QMP ``quit``, QEMU
+with SIGTERM; SIGKILL for the process group if either lingers).  Printed: the
+median boot of each, the ratio b/a (goal: <= 1.05 with a warm capability
+cache), the median ``machine-init`` round trip, and one more qmpvm boot with
+``QMPVM_CACHE_DIR`` set to an empty directory (cold capability cache: qmpvm
+probes the QEMU binary before ``machine-init`` can answer).
+
+qmpvm runs with the sandbox's environment as is; it sets
+PYTHONDONTWRITEBYTECODE=1, so qmpvm's modules are compiled at every start
+(``--pyc`` gives it a .pyc cache instead, as an installed package has).
+
+Command::
+
+    .venv/bin/python benchmarks/boot.py              # 5 runs each (~1 min)
+    .venv/bin/python benchmarks/boot.py --quick      # 2 runs each, smoke run
+    .venv/bin/python benchmarks/boot.py --runs 9 --pyc
+
+FIGURES-PLACEHOLDER
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from qemu.qmp import QMPClient
+
+from qmpvm.images import READY_MARKER, build_guest
+from qmpvm.tools.console import SocketConsole
+
+REPO = Path(__file__).resolve().parent.parent
+QEMU = "qemu-system-x86_64"
+MiB = 1024 * 1024
+APPEND = "console=ttyS0 quiet panic=-1"
+BOOT_TIMEOUT = 120.0
+GOAL_RATIO = 1.05
+
+# -- processes: every one we start is remembered and ended on any exit path --
+
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own process group (qmpvm's engine belongs to it too)."""
+    process = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        cwd=REPO,
+        env=env,
+    )
+    _STARTED.append(process)
+    return process
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM the process group we created, then SIGKILL whatever lingers in it."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(grace)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    if process.stderr is not None:
+        process.stderr.close()
+    if process in _STARTED:
+        _STARTED.remove(process)
+
+
+def stop_all() -> None:
+    for process in list(_STARTED):
+        stop(process, grace=3.0)
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def stderr_tail(process: subprocess.Popen[bytes]) -> str:
+    if process.poll() is None or process.stderr is None:
+        return ""
+    return process.stderr.read().decode(errors="replace")[-1000:]
+
+
+# -- the two ways to boot -------------------------------------------------------
+
+
+class Guest:
+    def __init__(self, workdir: Path) -> None:
+        image = build_guest()
+        self.kernel, self.initrd, self.kernel_version = image.kernel, image.initrd, image.kernel_version
+        self.disk = workdir / "disk.raw"
+        self.disk.write_bytes(os.urandom(4 * MiB))
+
+
+def blockdev(guest: Guest) -> dict[str, object]:
+    return {"driver": "raw", "node-name": "disk0",
+            "file": {"driver": "file", "filename": str(guest.disk)}}  # fmt: skip
+
+
+def qemu_argv(guest: Guest, console: Path) -> list[str]:
+    return [
+        QEMU, "-nodefaults", "-no-user-config", "-display", "none",
+        "-machine", "q35", "-accel", "tcg", "-m", "256M", "-smp", "1",
+        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd), "-append", APPEND,
+        "-chardev", f"socket,id=ser0,path={console},server=on,wait=off",
+        "-serial", "chardev:ser0",
+        "-blockdev", json.dumps(blockdev(guest)),
+        "-device", "virtio-blk-pci,drive=disk0,id=vda",
+    ]  # fmt: skip
+
+
+async def wait_ready(console_path: Path, started: float) -> float:
+    console = await SocketConsole.connect(str(console_path), timeout=30)
+    try:
+        await console.expect(READY_MARKER, timeout=BOOT_TIMEOUT)
+        return time.perf_counter() - started
+    finally:
+        await console.close()
+
+
+async def boot_qemu(guest: Guest, run_dir: Path) -> float:
+    console = run_dir / "ttyS0.sock"
+    started = time.perf_counter()
+    process = spawn(qemu_argv(guest, console))
+    try:
+        return await wait_ready(console, started)
+    except Exception as err:
+        raise RuntimeError(f"plain QEMU boot failed: {err} {stderr_tail(process)}") from err
+    finally:
+        stop(process)
+
+
+async def boot_qmpvm(
+    guest: Guest, run_dir: Path, env: dict[str, str]
+) -> tuple[float, float]:
+    """(seconds to the ready marker, machine-init round trip)."""
+    sock, console = run_dir / "qmp.sock", run_dir / "ttyS0.sock"
+    started = time.perf_counter()
+    process = spawn(
+        [sys.executable, "-m", "qmpvm", "-qmp", f"unix:{sock},server=on,wait=off", "--preconfig"],
+        env,
+    )
+    client = QMPClient("boot-bench")
+    try:
+        while not sock.exists():
+            if process.poll() is not None:
+                raise RuntimeError(f"qmpvm exited with {process.returncode}")
+            if time.perf_counter() - started > 30:
+                raise TimeoutError("qmpvm did not open its QMP socket in 30 s")
+            await asyncio.sleep(0.001)
+        await client.connect(str(sock))
+        await client.execute(
+            "machine-set", {"type": "q35", "accel": "tcg", "memory": 256 * MiB, "cpus": 1}
+        )
+        await client.execute(
+            "boot-set", {"kernel": str(guest.kernel), "initrd": str(guest.initrd), "append": APPEND}
+        )
+        await client.execute(
+            "chardev-add",
+            {
+                "id": "ser0",
+                "backend": {
+                    "type": "socket",
+                    "data": {
+                        "addr": {"type": "unix", "data": {"path": str(console)}},
+                        "server": True,
+                        "wait": False,
+                    },
+                },
+            },
+        )
+        await client.execute("device_add", {"driver": "isa-serial", "chardev": "ser0", "id": "serial0"})
+        await client.execute("blockdev-add", blockdev(guest))
+        await client.execute("device_add", {"driver": "virtio-blk-pci", "drive": "disk0", "id": "vda"})
+        t0 = time.perf_counter()
+        await client.execute("machine-init")
+        machine_init = time.perf_counter() - t0
+        await client.execute("cont")
+        ready = await wait_ready(console, started)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.execute("quit"), 10)
+        return ready, machine_init
+    except Exception as err:
+        raise RuntimeError(f"qmpvm boot failed: {err} {stderr_tail(process)}") from err
+    finally:
+        with contextlib.suppress(Exception):
+            await client.disconnect()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(10)
+        stop(process)
+
+
+def bytecode_env(cache: Path) -> dict[str, str]:
+    """This environment with .pyc files kept in ``cache`` (outside the source tree)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(cache)
+    return env
+
+
+# -- the run ------------------------------------------------------------------------
+
+
+async def bench(workdir: Path, opts: argparse.Namespace) -> dict[str, list[float]]:
+    guest = Guest(workdir)
+    print(f"guest: kernel {guest.kernel_version}, initrd {guest.initrd}", flush=True)
+    env = bytecode_env(workdir / "pycache") if opts.pyc else dict(os.environ)
+    counter = iter(range(1_000_000))
+
+    def run_dir() -> Path:
+        path = workdir / f"run{next(counter)}"
+        path.mkdir()
+        return path
+
+    out: dict[str, list[float]] = {"qemu": [], "qmpvm": [], "machine-init": [], "cold": []}
+    print("warm-up (not counted): one boot of each", flush=True)
+    await boot_qemu(guest, run_dir())
+    await boot_qmpvm(guest, run_dir(), env)  # also makes sure the capability cache is warm
+    for n in range(1, opts.runs + 1):
+        a = await boot_qemu(guest, run_dir())
+        b, init = await boot_qmpvm(guest, run_dir(), env)
+        out["qemu"].append(a)
+        out["qmpvm"].append(b)
+        out["machine-init"].append(init)
+        print(f"  run {n}: QEMU {a:.3f} s   qmpvm {b:.3f} s (machine-init {init * 1000:.0f} ms)",
+              flush=True)  # fmt: skip
+    if not opts.no_cold:
+        cold_env = dict(env, QMPVM_CACHE_DIR=str(workdir / "empty-cache"))
+        b, init = await boot_qmpvm(guest, run_dir(), cold_env)
+        out["cold"] = [b, init]
+        print(f"  cold cache: qmpvm {b:.3f} s (machine-init {init:.3f} s)", flush=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 runs each (smoke run)")
+    parser.add_argument("--runs", type=int, help="boots of each, alternating (default 5)")
+    parser.add_argument("--pyc", action="store_true", help="give qmpvm a .pyc cache")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache boot")
+    opts = parser.parse_args()
+    opts.runs = opts.runs or (2 if opts.quick else 5)
+    logging.basicConfig(level=logging.ERROR)
+    signal.signal(signal.SIGTERM, _terminated)
+    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    try:
+        with tempfile.TemporaryDirectory(prefix="qmpvm-boot-") as tmp:
+            print(f"boot benchmark: {os.cpu_count()} CPUs, {opts.runs} runs each, "
+                  f"qmpvm {'with' if opts.pyc else 'without'} a .pyc cache", flush=True)  # fmt: skip
+            out = asyncio.run(bench(Path(tmp), opts))
+    finally:
+        stop_all()
+    load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    qemu, qmpvm = statistics.median(out["qemu"]), statistics.median(out["qmpvm"])
+    init = statistics.median(out["machine-init"])
+    ratio = qmpvm / qemu
+    print(f"\nload average: {load_before} -> {load_after} (other work on the host skews figures)")
+    print(f"(a) plain QEMU, start -> {READY_MARKER}: median {qemu:.3f} s "
+          f"(min {min(out['qemu']):.3f}, max {max(out['qemu']):.3f})")  # fmt: skip
+    print(f"(b) qmpvm over QMP, start -> {READY_MARKER}: median {qmpvm:.3f} s "
+          f"(min {min(out['qmpvm']):.3f}, max {max(out['qmpvm']):.3f})")  # fmt: skip
+    print(f"    machine-init round trip (warm cache): median {init * 1000:.0f} ms")
+    if out["cold"]:
+        cold, cold_init = out["cold"]
+        print(f"    cold capability cache (one boot): {cold:.3f} s, machine-init {cold_init:.3f} s "
+              f"({cold / qemu:.2f} x plain QEMU)")  # fmt: skip
+    print(f"ratio b/a (qmpvm / QEMU), warm cache: {ratio:.3f}   "
+          f"goal <= {GOAL_RATIO}: {'met' if ratio <= GOAL_RATIO else 'MISSED'}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
