@@ -60,7 +60,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from qmpvm.images import READY_MARKER, build_guest
 from qmpvm.tools.console import SocketConsole
@@ -129,7 +129,8 @@ def stderr_tail(process: subprocess.Popen[bytes]) -> str:
 class Guest:
     def __init__(self, workdir: Path) -> None:
         image = build_guest()
-        self.kernel, self.initrd, self.kernel_version = image.kernel, image.initrd, image.kernel_version
+        self.kernel, self.initrd = image.kernel, image.initrd
+        self.kernel_version = image.kernel_version
         self.disk = workdir / "disk.raw"
         self.disk.write_bytes(os.urandom(4 * MiB))
 
@@ -172,10 +173,8 @@ async def boot_qemu(guest: Guest, run_dir: Path) -> float:
         stop(process)
 
 
-async def boot_qmpvm(
-    guest: Guest, run_dir: Path, env: dict[str, str]
-) -> tuple[float, float]:
-    """(seconds to the ready marker, machine-init round trip)."""
+async def boot_qmpvm(guest: Guest, run_dir: Path, env: dict[str, str]) -> dict[str, float]:
+    """Seconds from Popen to each step; "machine-init" is that command's round trip."""
     sock, console = run_dir / "qmp.sock", run_dir / "ttyS0.sock"
     started = time.perf_counter()
     process = spawn(
@@ -184,13 +183,17 @@ async def boot_qmpvm(
     )
     client = QMPClient("boot-bench")
     try:
-        while not sock.exists():
-            if process.poll() is not None:
-                raise RuntimeError(f"qmpvm exited with {process.returncode}")
-            if time.perf_counter() - started > 30:
-                raise TimeoutError("qmpvm did not open its QMP socket in 30 s")
-            await asyncio.sleep(0.001)
-        await client.connect(str(sock))
+        while True:  # the socket file appears at bind(), a moment before listen()
+            try:
+                await client.connect(str(sock))
+                break
+            except ConnectError:
+                if process.poll() is not None:
+                    raise RuntimeError(f"qmpvm exited with {process.returncode}") from None
+                if time.perf_counter() - started > 30:
+                    raise TimeoutError("qmpvm did not open its QMP socket in 30 s") from None
+                await asyncio.sleep(0.001)
+        marks = {"greeting": time.perf_counter() - started}
         await client.execute(
             "machine-set", {"type": "q35", "accel": "tcg", "memory": 256 * MiB, "cpus": 1}
         )
@@ -211,17 +214,21 @@ async def boot_qmpvm(
                 },
             },
         )
-        await client.execute("device_add", {"driver": "isa-serial", "chardev": "ser0", "id": "serial0"})
+        serial = {"driver": "isa-serial", "chardev": "ser0", "id": "serial0"}
+        await client.execute("device_add", serial)
         await client.execute("blockdev-add", blockdev(guest))
-        await client.execute("device_add", {"driver": "virtio-blk-pci", "drive": "disk0", "id": "vda"})
+        disk = {"driver": "virtio-blk-pci", "drive": "disk0", "id": "vda"}
+        await client.execute("device_add", disk)
         t0 = time.perf_counter()
+        marks["configured"] = t0 - started
         await client.execute("machine-init")
-        machine_init = time.perf_counter() - t0
+        marks["machine-init"] = time.perf_counter() - t0
         await client.execute("cont")
-        ready = await wait_ready(console, started)
+        marks["running"] = time.perf_counter() - started
+        marks["ready"] = await wait_ready(console, started)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.execute("quit"), 10)
-        return ready, machine_init
+        return marks
     except Exception as err:
         raise RuntimeError(f"qmpvm boot failed: {err} {stderr_tail(process)}") from err
     finally:
@@ -242,7 +249,15 @@ def bytecode_env(cache: Path) -> dict[str, str]:
 # -- the run ------------------------------------------------------------------------
 
 
-async def bench(workdir: Path, opts: argparse.Namespace) -> dict[str, list[float]]:
+def steps(marks: dict[str, float]) -> str:
+    """The steps of one qmpvm boot, from the start of the process."""
+    greeting, configured = marks["greeting"] * 1000, marks["configured"] * 1000
+    init, running = marks["machine-init"] * 1000, marks["running"]
+    return (f"greeting {greeting:.0f} ms, configured {configured:.0f} ms, "
+            f"machine-init {init:.0f} ms, running {running:.3f} s")  # fmt: skip
+
+
+async def bench(workdir: Path, opts: argparse.Namespace) -> dict[str, object]:
     guest = Guest(workdir)
     print(f"guest: kernel {guest.kernel_version}, initrd {guest.initrd}", flush=True)
     env = bytecode_env(workdir / "pycache") if opts.pyc else dict(os.environ)
@@ -253,24 +268,24 @@ async def bench(workdir: Path, opts: argparse.Namespace) -> dict[str, list[float
         path.mkdir()
         return path
 
-    out: dict[str, list[float]] = {"qemu": [], "qmpvm": [], "machine-init": [], "cold": []}
+    qemu: list[float] = []
+    qmpvm: list[dict[str, float]] = []
     print("warm-up (not counted): one boot of each", flush=True)
     await boot_qemu(guest, run_dir())
     await boot_qmpvm(guest, run_dir(), env)  # also makes sure the capability cache is warm
     for n in range(1, opts.runs + 1):
-        a = await boot_qemu(guest, run_dir())
-        b, init = await boot_qmpvm(guest, run_dir(), env)
-        out["qemu"].append(a)
-        out["qmpvm"].append(b)
-        out["machine-init"].append(init)
-        print(f"  run {n}: QEMU {a:.3f} s   qmpvm {b:.3f} s (machine-init {init * 1000:.0f} ms)",
-              flush=True)  # fmt: skip
+        qemu.append(await boot_qemu(guest, run_dir()))
+        qmpvm.append(await boot_qmpvm(guest, run_dir(), env))
+        print(f"  run {n}: QEMU {qemu[-1]:.3f} s   qmpvm {qmpvm[-1]['ready']:.3f} s "
+              f"({steps(qmpvm[-1])})", flush=True)  # fmt: skip
+    cold: dict[str, float] = {}
     if not opts.no_cold:
-        cold_env = dict(env, QMPVM_CACHE_DIR=str(workdir / "empty-cache"))
-        b, init = await boot_qmpvm(guest, run_dir(), cold_env)
-        out["cold"] = [b, init]
-        print(f"  cold cache: qmpvm {b:.3f} s (machine-init {init:.3f} s)", flush=True)
-    return out
+        cache = workdir / "empty-cache"
+        cold = await boot_qmpvm(guest, run_dir(), dict(env, QMPVM_CACHE_DIR=str(cache)))
+        written = sorted(p.name for p in cache.glob("caps-*.json")) if cache.exists() else []
+        print(f"  cold cache: qmpvm {cold['ready']:.3f} s ({steps(cold)}); "
+              f"the probe wrote {written or 'nothing'}", flush=True)  # fmt: skip
+    return {"qemu": qemu, "qmpvm": qmpvm, "cold": cold}
 
 
 def main() -> int:
@@ -286,25 +301,31 @@ def main() -> int:
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     try:
         with tempfile.TemporaryDirectory(prefix="qmpvm-boot-") as tmp:
+            pyc = "with" if opts.pyc else "without"
             print(f"boot benchmark: {os.cpu_count()} CPUs, {opts.runs} runs each, "
-                  f"qmpvm {'with' if opts.pyc else 'without'} a .pyc cache", flush=True)  # fmt: skip
+                  f"qmpvm {pyc} a .pyc cache", flush=True)  # fmt: skip
             out = asyncio.run(bench(Path(tmp), opts))
     finally:
         stop_all()
     load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    qemu, qmpvm = statistics.median(out["qemu"]), statistics.median(out["qmpvm"])
-    init = statistics.median(out["machine-init"])
+    qemu_runs = out["qemu"]
+    qmpvm_runs = out["qmpvm"]
+    cold = out["cold"]
+    assert isinstance(qemu_runs, list) and isinstance(qmpvm_runs, list) and isinstance(cold, dict)
+    ready = [marks["ready"] for marks in qmpvm_runs]
+    qemu, qmpvm = statistics.median(qemu_runs), statistics.median(ready)
+    med = {key: statistics.median(marks[key] for marks in qmpvm_runs) for key in qmpvm_runs[0]}
     ratio = qmpvm / qemu
     print(f"\nload average: {load_before} -> {load_after} (other work on the host skews figures)")
     print(f"(a) plain QEMU, start -> {READY_MARKER}: median {qemu:.3f} s "
-          f"(min {min(out['qemu']):.3f}, max {max(out['qemu']):.3f})")  # fmt: skip
+          f"(min {min(qemu_runs):.3f}, max {max(qemu_runs):.3f})")  # fmt: skip
     print(f"(b) qmpvm over QMP, start -> {READY_MARKER}: median {qmpvm:.3f} s "
-          f"(min {min(out['qmpvm']):.3f}, max {max(out['qmpvm']):.3f})")  # fmt: skip
-    print(f"    machine-init round trip (warm cache): median {init * 1000:.0f} ms")
-    if out["cold"]:
-        cold, cold_init = out["cold"]
-        print(f"    cold capability cache (one boot): {cold:.3f} s, machine-init {cold_init:.3f} s "
-              f"({cold / qemu:.2f} x plain QEMU)")  # fmt: skip
+          f"(min {min(ready):.3f}, max {max(ready):.3f})")  # fmt: skip
+    print(f"    medians: {steps(med)}")
+    print(f"    machine-init round trip (warm cache): median {med['machine-init'] * 1000:.0f} ms")
+    if cold:
+        print(f"    cold capability cache (one boot): {cold['ready']:.3f} s "
+              f"({cold['ready'] / qemu:.2f} x plain QEMU); {steps(cold)}")  # fmt: skip
     print(f"ratio b/a (qmpvm / QEMU), warm cache: {ratio:.3f}   "
           f"goal <= {GOAL_RATIO}: {'met' if ratio <= GOAL_RATIO else 'MISSED'}")  # fmt: skip
     return 0

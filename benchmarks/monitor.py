@@ -55,7 +55,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 REPO = Path(__file__).resolve().parent.parent
 QEMU = "qemu-system-x86_64"
@@ -224,22 +224,22 @@ def bench_greeting(workdir: Path, runs: int) -> dict[str, list[float]]:
 # -- (b) round trips, (c) many clients -------------------------------------------
 
 
-async def wait_for_socket(
-    sock: Path, process: subprocess.Popen[bytes], timeout: float = 30.0
-) -> None:
+async def connect(
+    sock: Path, name: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0
+) -> QMPClient:
+    """A negotiated qemu.qmp client; retries while the server is not listening yet."""
     deadline = time.monotonic() + timeout
-    while not sock.exists():
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode} before listening")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no socket {sock} after {timeout}s")
-        await asyncio.sleep(0.005)
-
-
-async def connect(sock: Path, name: str) -> QMPClient:
-    client = QMPClient(name)
-    await client.connect(str(sock))
-    return client
+    while True:  # the socket file appears at bind(), a moment before listen()
+        client = QMPClient(name)
+        try:
+            await client.connect(str(sock))
+            return client
+        except ConnectError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}") from None
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.005)
 
 
 async def sequential(client: QMPClient, calls: int) -> list[float]:
@@ -281,11 +281,9 @@ async def bench_monitor(workdir: Path, opts: argparse.Namespace) -> dict[str, ob
     qmpvm = spawn(qmpvm_module_argv(qmpvm_sock), bytecode_env(workdir / "pycache"))
     results: dict[str, object] = {}
     try:
-        await wait_for_socket(qemu_sock, qemu)
-        await wait_for_socket(qmpvm_sock, qmpvm)
         clients = {
-            "QEMU": await connect(qemu_sock, "qemu"),
-            "qmpvm": await connect(qmpvm_sock, "qmpvm"),
+            "QEMU": await connect(qemu_sock, "qemu", qemu),
+            "qmpvm": await connect(qmpvm_sock, "qmpvm", qmpvm),
         }
         try:
             for client in clients.values():

@@ -1,8 +1,9 @@
 """The qmpvm process: open the store, listen, replay, serve until quit.
 
-Start-up order is the design's: the monitor listens first, then the config
-file and the command-line options are replayed through the dispatcher like
-any client's commands.  If one is refused, qmpvm says which on stderr, puts
+Start-up order is the design's: the monitor listens (and greets) first,
+while the command modules load in a thread; then the config file and the
+command-line options are replayed through the dispatcher like any client's
+commands.  If one is refused, qmpvm says which on stderr, puts
 the configuration back as it was, and exits 1.
 """
 
@@ -15,14 +16,16 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qmpvm.cli import Options
-from qmpvm.commands import REGISTRY
-from qmpvm.monitor.dispatch import Dispatcher
+from qmpvm.monitor.client import Client
 from qmpvm.monitor.protocol import Request
 from qmpvm.monitor.server import MonitorServer, default_greeting
-from qmpvm.store import Store
-from qmpvm.vmm import EngineSettings, Vmm
+
+if TYPE_CHECKING:
+    from qmpvm.monitor.dispatch import Dispatcher
+    from qmpvm.vmm import Vmm
 
 log = logging.getLogger("qmpvm")
 
@@ -50,10 +53,52 @@ def read_config_file(path: str) -> list[dict[str, object]]:
     return items
 
 
-async def replay(
-    dispatcher: Dispatcher, vmm: Vmm, commands: list[dict[str, object]], origin: str
-) -> None:
-    client = vmm.new_client()
+class ControlPlane:
+    """The sessions' backend, ready once the command modules are loaded.
+
+    Loading them (schema classes, the registry) takes longer than the
+    greeting may; sessions greet at once and their first command waits.
+    """
+
+    def __init__(self) -> None:
+        self._ready = asyncio.Event()
+        self.dispatcher: Dispatcher | None = None
+        self.vmm: Vmm | None = None
+
+    async def load(self, options: Options) -> Vmm:
+        await asyncio.to_thread(_import_control_plane)
+        from qmpvm.commands import REGISTRY
+        from qmpvm.monitor.dispatch import Dispatcher
+        from qmpvm.store import Store
+        from qmpvm.vmm import EngineSettings, Vmm
+
+        state_dir = Path(options.state_dir) if options.state_dir else None
+        vmm = Vmm(Store(state_dir), EngineSettings(binary=options.engine), hooks=REGISTRY.hooks)
+        self.vmm, self.dispatcher = vmm, Dispatcher(REGISTRY, vmm)
+        self._ready.set()
+        return vmm
+
+    async def dispatch(self, request: Request, client: Client) -> dict[str, object]:
+        await self._ready.wait()
+        if self.dispatcher is None:
+            raise RuntimeError("control plane not loaded")
+        return await self.dispatcher.dispatch(request, client)
+
+    def client_gone(self, client: Client) -> None:
+        if self.vmm is not None:
+            self.vmm.client_gone(client)
+        else:
+            client.close_pending()
+
+
+def _import_control_plane() -> None:
+    import qmpvm.commands
+    import qmpvm.store
+    import qmpvm.vmm  # noqa: F401
+
+
+async def replay(plane: ControlPlane, commands: list[dict[str, object]], origin: str) -> None:
+    client = Client(id=0)
     try:
         for command in commands:
             arguments = command.get("arguments", {})
@@ -61,23 +106,17 @@ async def replay(
                 name=str(command["execute"]),
                 arguments=arguments if isinstance(arguments, dict) else {},
             )
-            reply = await dispatcher.dispatch(request, client)
+            reply = await plane.dispatch(request, client)
             error = reply.get("error")
             if isinstance(error, dict):
                 raise StartupError(f"{origin}: {request.name} refused: {error['desc']}")
     finally:
-        vmm.client_gone(client)
+        plane.client_gone(client)
 
 
 async def serve(options: Options) -> int:
-    state_dir = Path(options.state_dir) if options.state_dir else None
-    store = Store(state_dir)
-    vmm = Vmm(store, EngineSettings(binary=options.engine), hooks=REGISTRY.hooks)
-    dispatcher = Dispatcher(REGISTRY, vmm)
-    server = MonitorServer(dispatcher, vmm, default_greeting())
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, vmm.quit_requested.set)
+    plane = ControlPlane()
+    server = MonitorServer(plane, default_greeting())
     try:
         for listener in options.listeners:
             if listener.kind == "unix":
@@ -88,12 +127,18 @@ async def serve(options: Options) -> int:
         await server.close()
         print(f"qmpvm: -qmp: {err}", file=sys.stderr)
         return 1
+    vmm = await plane.load(options)
+    store = vmm.store
+    vmm.add_sink(server.broadcast)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, vmm.quit_requested.set)
     vmm.start_probe()
     before = vmm.config
     try:
         if options.config_file:
-            await replay(dispatcher, vmm, read_config_file(options.config_file), "--config")
-        await replay(dispatcher, vmm, options.machine_commands(), "command line")
+            await replay(plane, read_config_file(options.config_file), "--config")
+        await replay(plane, options.machine_commands(), "command line")
     except StartupError as err:
         print(f"qmpvm: {err}", file=sys.stderr)
         await vmm.stop_engine()

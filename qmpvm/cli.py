@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import NoReturn
 
-from qmpvm.config import block, chardev, netdev
-from qmpvm.config.machine import MiB
 from qmpvm.errors import ArgumentError
-from qmpvm.keyval import coerce, parse
+from qmpvm.keyval import parse
+
+MiB = 1024 * 1024
 
 USAGE = """\
 usage: qmpvm [options]
@@ -281,7 +281,7 @@ class _Parser:
 
     def _blockdev(self, option: str, args: Iterator[str]) -> None:
         tree = _structured(self.value(args, option), None)
-        self.options.commands.append(_cmd("blockdev-add", _typed(block.BlockdevOptions, tree)))
+        self.options.commands.append(_cmd("blockdev-add", _typed("blockdev", tree)))
 
     def _drive(self, option: str, args: Iterator[str]) -> None:
         tree = parse(self.value(args, option), "file")
@@ -301,7 +301,7 @@ class _Parser:
         }
         if "readonly" in tree:
             blockdev["read-only"] = tree["readonly"]
-        self.options.commands.append(_cmd("blockdev-add", _typed(block.BlockdevOptions, blockdev)))
+        self.options.commands.append(_cmd("blockdev-add", _typed("blockdev", blockdev)))
         if interface == "virtio":
             driver = "virtio-blk-device" if self._machine_type == "microvm" else "virtio-blk-pci"
             self.options.commands.append(_cmd("device_add", {"driver": driver, "drive": node}))
@@ -376,8 +376,17 @@ def _scan_machine_type(argv: list[str]) -> str | None:
     return found
 
 
-def _typed(spec: object, tree: dict[str, object]) -> dict[str, object]:
-    value = coerce(spec, tree)
+def _typed(spec_name: str, tree: dict[str, object]) -> dict[str, object]:
+    """``tree`` with strings typed as the argument schema ``spec_name`` says."""
+    from qmpvm.config import block, chardev, netdev
+    from qmpvm.keyval import coerce
+
+    specs: dict[str, object] = {
+        "blockdev": block.BlockdevOptions,
+        "chardev": chardev.ChardevAdd,
+        "netdev": netdev.Netdev,
+    }
+    value = coerce(specs[spec_name], tree)
     return value if isinstance(value, dict) else tree
 
 
@@ -405,7 +414,7 @@ def chardev_arguments(tree: dict[str, object]) -> dict[str, object]:
     else:
         data = tree
     arguments: dict[str, object] = {"id": chardev_id, "backend": {"type": backend, "data": data}}
-    return _typed(chardev.ChardevAdd, arguments)
+    return _typed("chardev", arguments)
 
 
 def netdev_arguments(text: str) -> dict[str, object]:
@@ -420,7 +429,7 @@ def netdev_arguments(text: str) -> dict[str, object]:
             kept.append(item)
     tree = parse(",".join(kept), "type")
     tree.update(repeated)
-    return _typed(netdev.Netdev, tree)
+    return _typed("netdev", tree)
 
 
 def parse_argv(argv: list[str]) -> Options:

@@ -12,7 +12,6 @@ import dataclasses
 import enum
 
 from qmpvm.errors import ArgumentError
-from qmpvm.schema import Ref, Union, field_specs, strip_optional
 
 TRUE = frozenset({"on", "yes", "true", "y"})
 FALSE = frozenset({"off", "no", "false", "n"})
@@ -60,6 +59,8 @@ def parse(text: str, implied_key: str | None = None) -> dict[str, object]:
 
 def coerce(spec: object, value: object) -> object:
     """Strings in ``value`` made into what ``spec`` declares, where they can be."""
+    from qmpvm.schema import Ref, Union, field_specs
+
     if isinstance(value, str):
         return _scalar(spec, value)
     if not isinstance(value, dict):
@@ -94,6 +95,8 @@ def _scalar(spec: object, text: str) -> object:
 
 
 def _unwrap(spec: object) -> object:
+    from qmpvm.schema import strip_optional
+
     spec = strip_optional(spec)
     if isinstance(spec, type) and issubclass(spec, enum.Enum):
         return str

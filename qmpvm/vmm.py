@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qmpvm.config.model import Config
 from qmpvm.config.netdev import FD_MEMBERS
 from qmpvm.config.resource import Kind, Resource
-from qmpvm.errors import ConfigError, EngineError
+from qmpvm.errors import EngineError
 from qmpvm.fds import FdRegistry
+from qmpvm.monitor.client import Client
 from qmpvm.monitor.dispatch import EventHook, Phase
 from qmpvm.store import Store
 
@@ -35,8 +34,6 @@ if TYPE_CHECKING:
     from qmpvm.engine.machine import EngineMachine
 
 log = logging.getLogger(__name__)
-
-MAX_PENDING_FDS = 32
 
 FORWARDED = frozenset(
     {
@@ -65,29 +62,6 @@ FORWARDED = frozenset(
 )
 """Engine commands relayed as they are once a machine exists (besides every
 ``query-*``): they change no configuration the store keeps."""
-
-
-@dataclass(slots=True, kw_only=True)
-class Client:
-    """One connection as commands see it: its id and the descriptors it sent."""
-
-    id: int
-    pending_fds: deque[int] = field(default_factory=deque)
-
-    def receive_fds(self, fds: list[int]) -> None:
-        for fd in fds:
-            self.pending_fds.append(fd)
-            while len(self.pending_fds) > MAX_PENDING_FDS:
-                os.close(self.pending_fds.popleft())
-
-    def take_fd(self) -> int:
-        if not self.pending_fds:
-            raise ConfigError("No file descriptor supplied via SCM_RIGHTS")
-        return self.pending_fds.popleft()
-
-    def close_pending(self) -> None:
-        while self.pending_fds:
-            os.close(self.pending_fds.popleft())
 
 
 EventSink = Callable[[dict[str, object]], None]
@@ -119,14 +93,8 @@ class Vmm:
         self.quit_requested = asyncio.Event()
         self._sinks: list[EventSink] = []
         self._caps_task: asyncio.Task[Capabilities | None] | None = None
-        self._next_client = 1
 
     # -- clients and events ----------------------------------------------
-
-    def new_client(self) -> Client:
-        client = Client(id=self._next_client)
-        self._next_client += 1
-        return client
 
     def client_gone(self, client: Client) -> None:
         client.close_pending()

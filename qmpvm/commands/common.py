@@ -11,9 +11,6 @@ from qmpvm.vmm import Vmm
 
 REGISTRY = Registry()
 
-QEMU_VERSION = (7, 2, 0)
-"""The QEMU release whose QMP dialect qmpvm speaks."""
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Passthrough:

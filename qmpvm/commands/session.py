@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qmpvm import __version__
-from qmpvm.commands.common import QEMU_VERSION, REGISTRY
+from qmpvm import QEMU_VERSION, __version__
+from qmpvm.commands.common import REGISTRY
 from qmpvm.errors import CommandNotFoundError
 from qmpvm.monitor.dispatch import Call
 

@@ -20,7 +20,8 @@ from qmpvm.monitor.protocol import Request
 from qmpvm.schema import Introspector, Union, check
 
 if TYPE_CHECKING:
-    from qmpvm.vmm import Client, Vmm
+    from qmpvm.monitor.client import Client
+    from qmpvm.vmm import Vmm
 
 log = logging.getLogger(__name__)
 

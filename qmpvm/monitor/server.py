@@ -18,10 +18,10 @@ import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from qmpvm.monitor.dispatch import Dispatcher
-from qmpvm.monitor.protocol import Reply, ServerConnection, encode, greeting
-from qmpvm.vmm import Client, Vmm
+from qmpvm.monitor.client import Client
+from qmpvm.monitor.protocol import Reply, Request, ServerConnection, encode, greeting
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,14 @@ READ_SIZE = 65536
 MAX_FDS_PER_MESSAGE = 16
 OUTPUT_QUEUE = 1024
 _FD_ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+
+
+class Backend(Protocol):
+    """What sessions need from the rest of qmpvm (the dispatcher and state)."""
+
+    async def dispatch(self, request: Request, client: Client) -> dict[str, object]: ...
+
+    def client_gone(self, client: Client) -> None: ...
 
 
 class Session:
@@ -60,7 +68,7 @@ class Session:
                 await asyncio.wait_for(writer, 1)
             writer.cancel()
             self.sock.close()
-            self.server.vmm.client_gone(self.client)
+            self.server.backend.client_gone(self.client)
             self.log.info("disconnected")
 
     async def _read_loop(self) -> None:
@@ -76,7 +84,7 @@ class Session:
                     await self._send(item.message)
                     continue
                 self.log.debug("--> %s", item)
-                reply = await self.server.dispatcher.dispatch(item, self.client)
+                reply = await self.server.backend.dispatch(item, self.client)
                 try:
                     await self._send(reply)
                 except (TypeError, ValueError):
@@ -136,17 +144,14 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
 
 
 class MonitorServer:
-    def __init__(
-        self, dispatcher: Dispatcher, vmm: Vmm, greeting_message: dict[str, object]
-    ) -> None:
-        self.dispatcher = dispatcher
-        self.vmm = vmm
+    def __init__(self, backend: Backend, greeting_message: dict[str, object]) -> None:
+        self.backend = backend
         self.greeting = greeting_message
         self.sessions: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._listeners: list[tuple[socket.socket, str | None]] = []
         self._accepting: list[asyncio.Task[None]] = []
-        vmm.add_sink(self.broadcast)
+        self._next_client = 1
 
     def broadcast(self, message: dict[str, object]) -> None:
         data = encode(message)
@@ -197,7 +202,9 @@ class MonitorServer:
                 await asyncio.sleep(0.1)
                 continue
             sock.setblocking(False)
-            session = Session(sock, self, self.vmm.new_client(), str(addr) or "unix")
+            client = Client(id=self._next_client)
+            self._next_client += 1
+            session = Session(sock, self, client, str(addr) or "unix")
             self.sessions.add(session)
             self._spawn(session.run(), functools.partial(self._session_done, session))
 
@@ -225,7 +232,6 @@ class MonitorServer:
 
 
 def default_greeting() -> dict[str, object]:
-    from qmpvm import __version__
-    from qmpvm.commands.common import QEMU_VERSION
+    from qmpvm import QEMU_VERSION, __version__
 
     return greeting(*QEMU_VERSION, package=f"qmpvm {__version__}")
