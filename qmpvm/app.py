@@ -161,10 +161,13 @@ async def serve(options: Options) -> int:
 
 async def _wait_for_end(vmm: Vmm, *, has_listeners: bool) -> None:
     """Until quit or a signal; without a monitor, also until the engine exits."""
+    if has_listeners:
+        await vmm.quit_requested.wait()
+        return
     while not vmm.quit_requested.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(vmm.quit_requested.wait(), 0.2)
-        if not has_listeners and vmm.machine is None:
+        if vmm.machine is None:
             return
 
 

@@ -37,17 +37,8 @@ log = logging.getLogger(__name__)
 
 FORWARDED = frozenset(
     {
-        "cont",
-        "stop",
-        "system_reset",
-        "system_powerdown",
         "system_wakeup",
         "inject-nmi",
-        "ringbuf-read",
-        "ringbuf-write",
-        "human-monitor-command",
-        "qom-list",
-        "qom-get",
         "screendump",
         "send-key",
         "memsave",
@@ -60,8 +51,9 @@ FORWARDED = frozenset(
         "x-query-registers",
     }
 )
-"""Engine commands relayed as they are once a machine exists (besides every
-``query-*``): they change no configuration the store keeps."""
+"""Engine commands relayed as they are once a machine exists, besides every
+``query-*`` and the ones ``commands.runstate`` declares: they change no
+configuration the store keeps."""
 
 
 EventSink = Callable[[dict[str, object]], None]

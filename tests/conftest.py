@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -94,3 +95,13 @@ def pids_of(binary: str) -> set[int]:
             if cmdline and os.path.basename(cmdline[0].decode(errors="replace")) == binary:
                 out.add(int(entry.name))
     return out
+
+
+async def quit_and_disconnect(client: object) -> None:
+    """``quit``, then close our side: the server may have closed first."""
+    from qemu.qmp import QMPClient
+
+    assert isinstance(client, QMPClient)
+    await client.execute("quit")
+    with contextlib.suppress(EOFError, ConnectionError):
+        await client.disconnect()

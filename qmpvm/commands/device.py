@@ -60,15 +60,16 @@ async def device_add(call: Call) -> object:
         if bus is not None:
             live["bus"] = bus
         result = await vmm.engine().execute("device_add", live)
-        if bus is not None and bus != args.bus and args.id is not None:
-            vmm.engine().port_users[bus] = args.id
+        if bus is not None and bus != args.bus:
+            # a device without id can never be unplugged: its port stays taken
+            vmm.engine().port_users[bus] = args.id or "(no id)"
         return result
 
     await change(
         vmm,
         lambda c: c.add(device.make(args, c.next_seq)),
         on_engine=on_engine,
-        undo=lambda: vmm.engine().execute("device_del", {"id": args.id}),
+        undo=(lambda: vmm.engine().execute("device_del", {"id": args.id})) if args.id else None,
     )
     return {}
 

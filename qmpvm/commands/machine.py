@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from qmpvm.commands.common import REGISTRY, change
 from qmpvm.config.boot import BootSet
 from qmpvm.config.machine import Accel, MachineSet
-from qmpvm.config.model import Config
 from qmpvm.errors import ConfigError, QmpvmError
 from qmpvm.monitor.dispatch import BEFORE_INIT, Call
 from qmpvm.schema import to_json
@@ -55,28 +54,24 @@ def check_accel(accel: Accel, built_in: tuple[str, ...] | None) -> None:
 async def boot_set(call: Call) -> object:
     args: BootSet = call.args
     refuse_boot_only(call.vmm, "boot-set", to_json(args))
-    for member in ("kernel", "initrd"):
-        path = getattr(args, member)
+    check_boot_files(args.kernel, args.initrd)
+    return await change(call.vmm, lambda c: c.set_boot(args))
+
+
+def check_boot_files(kernel: str | None, initrd: str | None) -> None:
+    """Missing boot files are refused when named, and again at machine-init."""
+    for member, path in (("kernel", kernel), ("initrd", initrd)):
         if path and not os.path.isfile(path):
             raise ConfigError(f"Parameter '{member}': could not open '{path}': no such file")
-    return await change(call.vmm, lambda c: c.set_boot(args))
 
 
 @REGISTRY.command("machine-init", phases=BEFORE_INIT, aliases=("x-exit-preconfig",))
 async def machine_init(call: Call) -> object:
     vmm = call.vmm
     async with vmm.change_lock:
-        check_ready(vmm.config)
+        check_boot_files(vmm.config.boot.kernel, vmm.config.boot.initrd)
         await vmm.init_machine()
     return {}
-
-
-def check_ready(config: Config) -> None:
-    """What can be known to fail before the engine is even started."""
-    for member in ("kernel", "initrd"):
-        path = getattr(config.boot, member)
-        if path and not os.path.isfile(path):
-            raise ConfigError(f"machine-init: {member} '{path}' does not exist")
 
 
 @REGISTRY.command("query-machines", returns=object)

@@ -64,6 +64,7 @@ class Registry:
     commands: dict[str, CommandSpec] = field(default_factory=dict)
     events: dict[str, type | None] = field(default_factory=dict)
     hooks: dict[str, list[EventHook]] = field(default_factory=dict)
+    _schema: list[dict[str, object]] | None = None
 
     def command(
         self,
@@ -93,13 +94,18 @@ class Registry:
         self.hooks.setdefault(event, []).append(hook)
 
     def schema(self) -> list[dict[str, object]]:
-        """``query-qmp-schema``: every command and event, with their types."""
-        introspector = Introspector()
-        for spec in self.commands.values():
-            introspector.command(spec.name, spec.args, spec.returns)
-        for name, data in self.events.items():
-            introspector.event(name, data)
-        return list(introspector.entries.values())
+        """``query-qmp-schema``: every command and event, with their types.
+
+        Built once: the declarations do not change after import.
+        """
+        if self._schema is None:
+            introspector = Introspector()
+            for spec in self.commands.values():
+                introspector.command(spec.name, spec.args, spec.returns)
+            for name, data in self.events.items():
+                introspector.event(name, data)
+            self._schema = list(introspector.entries.values())
+        return self._schema
 
 
 def phase_refusal(name: str, phase: Phase) -> str:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 READ_SIZE = 65536
 MAX_FDS_PER_MESSAGE = 16
 OUTPUT_QUEUE = 1024
+BACKLOG = 128
 _FD_ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
 
@@ -159,15 +160,18 @@ class MonitorServer:
             session.post_event(data)
 
     def listen_unix(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            if Path(path).is_socket():
-                os.unlink(path)
+        """Mode 0600; the path appears only once it accepts connections."""
+        if os.path.exists(path) and not Path(path).is_socket():
+            raise OSError(f"{path} exists and is not a socket")
+        staging = f"{path}.{os.getpid()}.tmp"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
-            sock.bind(path)
+            sock.bind(staging)
         finally:
             os.umask(old)
+        sock.listen(BACKLOG)
+        os.replace(staging, path)
         self._start(sock, path)
 
     def listen_tcp(self, host: str, port: int) -> None:
@@ -175,10 +179,10 @@ class MonitorServer:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(BACKLOG)
         self._start(sock, None)
 
     def _start(self, sock: socket.socket, path: str | None) -> None:
-        sock.listen(128)
         sock.setblocking(False)
         self._listeners.append((sock, path))
         self._accepting.append(asyncio.get_running_loop().create_task(self._accept_loop(sock)))

@@ -67,8 +67,8 @@ async def _chardev_path(target: str, chardev: str) -> str:
         reply = await client.execute("query-machine")
     finally:
         await client.disconnect()
-    assert isinstance(reply, dict)
-    for item in reply.get("chardevs", []):
+    chardevs = reply.get("chardevs", []) if isinstance(reply, dict) else []
+    for item in chardevs:
         if item.get("id") != chardev:
             continue
         backend = item["backend"]

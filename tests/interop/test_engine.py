@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QmpvmProcess, needs_qemu, pids_of, start_qmpvm
+from conftest import QmpvmProcess, needs_qemu, pids_of, quit_and_disconnect, start_qmpvm
 from qemu.qmp import ExecuteError, QMPClient
 
 from qmpvm.images import READY_MARKER, GuestImage, guest_cmdline
@@ -101,8 +101,7 @@ async def test_boot_to_ready_marker_on_a_ringbuf_serial(tmp_path: Path, guest: G
     machine = await client.execute("query-machine")
     assert machine["engine"]["accel"] == "tcg"
     assert (await client.execute("query-kvm"))["enabled"] is False
-    await client.execute("quit")
-    await client.disconnect()
+    await quit_and_disconnect(client)
     proc.process.wait(15)
     assert proc.process.returncode == 0
     assert machine["engine"]["pid"] not in pids_of("qemu-system-x86_64"), (
@@ -268,8 +267,7 @@ async def test_failed_machine_init_leaves_nothing_behind(tmp_path: Path, guest: 
     await client.execute("blockdev-del", {"node-name": "gone"})
     await client.execute("machine-init")
     assert (await client.execute("query-status"))["phase"] == "machine-ready"
-    await client.execute("quit")
-    await client.disconnect()
+    await quit_and_disconnect(client)
     proc.process.wait(15)
 
 
@@ -287,6 +285,5 @@ async def test_microvm_refuses_hotplug(tmp_path: Path, guest: GuestImage) -> Non
             "device_add", {"driver": "virtio-blk-device", "drive": "d1", "id": "vdb"}
         )
     assert all(d.get("id") != "vdb" for d in (await client.execute("query-machine"))["devices"])
-    await client.execute("quit")
-    await client.disconnect()
+    await quit_and_disconnect(client)
     proc.process.wait(15)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QmpvmProcess, start_qmpvm
+from conftest import QmpvmProcess, quit_and_disconnect, start_qmpvm
 from qemu.qmp import ExecuteError, QMPClient
 
 
@@ -326,8 +326,7 @@ async def test_config_file_and_failed_command_line(tmp_path: Path) -> None:
     proc = start_qmpvm(tmp_path, "--config", str(config), "--preconfig", state_dir=state)
     client = await connect(proc)
     assert (await client.execute("query-machine"))["machine"]["cpus"] == 2
-    await client.execute("quit")
-    await client.disconnect()
+    await quit_and_disconnect(client)
     proc.process.wait(10)
     assert not proc.socket.exists(), "quit removes the socket file"
     bad = subprocess.run(
