@@ -23,8 +23,8 @@ socket (the same transport and the same reader for both).
     qmpvm's engine command line also carries 4 ``pcie-root-port`` devices
     (qmpvm adds them on q35 so that PCI devices can be hot-plugged later).
 
-The two alternate, ``--runs`` (5) times each after one unmeasured warm-up of
-each, and every process is ended after its run (qmpvm with QMP ``quit``, QEMU
+The two alternate (ABBA order), ``--runs`` (5) times each after one
+unmeasured warm-up of each, and every process is ended after its run (qmpvm with QMP ``quit``, QEMU
 with SIGTERM; SIGKILL for the process group if either lingers).  Printed: the
 median boot of each, the ratio b/a (goal: <= 1.05 with a warm capability
 cache), the median ``machine-init`` round trip, and one more qmpvm boot with
@@ -173,6 +173,32 @@ async def boot_qemu(guest: Guest, run_dir: Path) -> float:
         stop(process)
 
 
+async def qemu_created(guest: Guest, run_dir: Path) -> float:
+    """The reference for machine-init: plain QEMU, the same command line plus
+    ``-S -qmp``, from Popen to its QMP greeting (the machine built, not run)."""
+    console, sock = run_dir / "ttyS0.sock", run_dir / "qmp.sock"
+    argv = [*qemu_argv(guest, console), "-S", "-qmp", f"unix:{sock},server=on,wait=off"]
+    started = time.perf_counter()
+    process = spawn(argv)
+    try:
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(sock))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if process.poll() is not None or time.perf_counter() - started > 30:
+                    raise RuntimeError(f"QEMU -S did not listen: {stderr_tail(process)}") from None
+                await asyncio.sleep(0.001)
+        line = await asyncio.wait_for(reader.readline(), 30)
+        elapsed = time.perf_counter() - started
+        writer.close()
+        if b'"QMP"' not in line:
+            raise RuntimeError(f"QEMU -S: not a greeting: {line[:200]!r}")
+        return elapsed
+    finally:
+        stop(process)
+
+
 async def boot_qmpvm(guest: Guest, run_dir: Path, env: dict[str, str]) -> dict[str, float]:
     """Seconds from Popen to each step; "machine-init" is that command's round trip."""
     sock, console = run_dir / "qmp.sock", run_dir / "ttyS0.sock"
@@ -185,14 +211,16 @@ async def boot_qmpvm(guest: Guest, run_dir: Path, env: dict[str, str]) -> dict[s
     try:
         while True:  # the socket file appears at bind(), a moment before listen()
             try:
-                await client.connect(str(sock))
-                break
+                if sock.exists():
+                    await client.connect(str(sock))
+                    break
             except ConnectError:
-                if process.poll() is not None:
-                    raise RuntimeError(f"qmpvm exited with {process.returncode}") from None
-                if time.perf_counter() - started > 30:
-                    raise TimeoutError("qmpvm did not open its QMP socket in 30 s") from None
-                await asyncio.sleep(0.001)
+                pass
+            if process.poll() is not None:
+                raise RuntimeError(f"qmpvm exited with {process.returncode}")
+            if time.perf_counter() - started > 30:
+                raise TimeoutError("qmpvm did not open its QMP socket in 30 s")
+            await asyncio.sleep(0.001)
         marks = {"greeting": time.perf_counter() - started}
         await client.execute(
             "machine-set", {"type": "q35", "accel": "tcg", "memory": 256 * MiB, "cpus": 1}
@@ -225,7 +253,9 @@ async def boot_qmpvm(guest: Guest, run_dir: Path, env: dict[str, str]) -> dict[s
         marks["machine-init"] = time.perf_counter() - t0
         await client.execute("cont")
         marks["running"] = time.perf_counter() - started
+        cpu0 = cpu_seconds(process.pid)
         marks["ready"] = await wait_ready(console, started)
+        marks["qmpvm-cpu"] = cpu_seconds(process.pid) - cpu0  # qmpvm itself while the guest boots
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.execute("quit"), 10)
         return marks
@@ -237,6 +267,12 @@ async def boot_qmpvm(guest: Guest, run_dir: Path, env: dict[str, str]) -> dict[s
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(10)
         stop(process)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` alone (not its children, so not the engine)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bytecode_env(cache: Path) -> dict[str, str]:
@@ -253,8 +289,10 @@ def steps(marks: dict[str, float]) -> str:
     """The steps of one qmpvm boot, from the start of the process."""
     greeting, configured = marks["greeting"] * 1000, marks["configured"] * 1000
     init, running = marks["machine-init"] * 1000, marks["running"]
+    guest, cpu = marks["ready"] - running, marks["qmpvm-cpu"]
     return (f"greeting {greeting:.0f} ms, configured {configured:.0f} ms, "
-            f"machine-init {init:.0f} ms, running {running:.3f} s")  # fmt: skip
+            f"machine-init {init:.0f} ms, running {running:.3f} s, "
+            f"then the guest {guest:.3f} s with qmpvm using {cpu:.2f} CPU-s")  # fmt: skip
 
 
 async def bench(workdir: Path, opts: argparse.Namespace) -> dict[str, object]:
@@ -269,13 +307,19 @@ async def bench(workdir: Path, opts: argparse.Namespace) -> dict[str, object]:
         return path
 
     qemu: list[float] = []
+    created: list[float] = []
     qmpvm: list[dict[str, float]] = []
     print("warm-up (not counted): one boot of each", flush=True)
     await boot_qemu(guest, run_dir())
     await boot_qmpvm(guest, run_dir(), env)  # also makes sure the capability cache is warm
     for n in range(1, opts.runs + 1):
-        qemu.append(await boot_qemu(guest, run_dir()))
-        qmpvm.append(await boot_qmpvm(guest, run_dir(), env))
+        if n % 2:  # ABBA order, so that drift in the host's load favours neither
+            qemu.append(await boot_qemu(guest, run_dir()))
+            qmpvm.append(await boot_qmpvm(guest, run_dir(), env))
+        else:
+            qmpvm.append(await boot_qmpvm(guest, run_dir(), env))
+            qemu.append(await boot_qemu(guest, run_dir()))
+        created.append(await qemu_created(guest, run_dir()))
         print(f"  run {n}: QEMU {qemu[-1]:.3f} s   qmpvm {qmpvm[-1]['ready']:.3f} s "
               f"({steps(qmpvm[-1])})", flush=True)  # fmt: skip
     cold: dict[str, float] = {}
@@ -285,7 +329,7 @@ async def bench(workdir: Path, opts: argparse.Namespace) -> dict[str, object]:
         written = sorted(p.name for p in cache.glob("caps-*.json")) if cache.exists() else []
         print(f"  cold cache: qmpvm {cold['ready']:.3f} s ({steps(cold)}); "
               f"the probe wrote {written or 'nothing'}", flush=True)  # fmt: skip
-    return {"qemu": qemu, "qmpvm": qmpvm, "cold": cold}
+    return {"qemu": qemu, "qmpvm": qmpvm, "cold": cold, "created": created}
 
 
 def main() -> int:
@@ -297,6 +341,7 @@ def main() -> int:
     opts = parser.parse_args()
     opts.runs = opts.runs or (2 if opts.quick else 5)
     logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # connect retries log errors
     signal.signal(signal.SIGTERM, _terminated)
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     try:
@@ -315,6 +360,7 @@ def main() -> int:
     ready = [marks["ready"] for marks in qmpvm_runs]
     qemu, qmpvm = statistics.median(qemu_runs), statistics.median(ready)
     med = {key: statistics.median(marks[key] for marks in qmpvm_runs) for key in qmpvm_runs[0]}
+    med["ready"] = statistics.median(m["ready"] - m["running"] for m in qmpvm_runs) + med["running"]
     ratio = qmpvm / qemu
     print(f"\nload average: {load_before} -> {load_after} (other work on the host skews figures)")
     print(f"(a) plain QEMU, start -> {READY_MARKER}: median {qemu:.3f} s "
@@ -322,7 +368,17 @@ def main() -> int:
     print(f"(b) qmpvm over QMP, start -> {READY_MARKER}: median {qmpvm:.3f} s "
           f"(min {min(ready):.3f}, max {max(ready):.3f})")  # fmt: skip
     print(f"    medians: {steps(med)}")
-    print(f"    machine-init round trip (warm cache): median {med['machine-init'] * 1000:.0f} ms")
+    created = out["created"]
+    assert isinstance(created, list)
+    qemu_created_s = statistics.median(created)
+    print(f"    machine-init round trip (warm cache): median {med['machine-init'] * 1000:.0f} ms; "
+          f"plain QEMU with this command line and -S -qmp, start -> greeting: "
+          f"median {qemu_created_s * 1000:.0f} ms")  # fmt: skip
+    extra = med["running"] - qemu_created_s
+    print(f"    qmpvm's extra time before the guest runs (its 'running' minus QEMU's start -> "
+          f"greeting): {extra * 1000:.0f} ms = {extra / qemu:.1%} of plain QEMU's median boot; "
+          f"the boots themselves vary by {(max(qemu_runs) - min(qemu_runs)) * 1000:.0f} ms "
+          f"here")  # fmt: skip
     if cold:
         print(f"    cold capability cache (one boot): {cold['ready']:.3f} s "
               f"({cold['ready'] / qemu:.2f} x plain QEMU); {steps(cold)}")  # fmt: skip

@@ -44,6 +44,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -54,6 +55,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 from qemu.qmp import ConnectError, QMPClient
 
@@ -62,6 +64,14 @@ QEMU = "qemu-system-x86_64"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "qmpvm"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 GOAL_COMMANDS_PER_S = 10_000
+
+
+class BarrierLike(Protocol):
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class QueueLike(Protocol):
+    def put(self, obj: object) -> None: ...
 
 # -- processes: every one we start is remembered and ended on any exit path --
 
@@ -195,6 +205,31 @@ def bytecode_env(cache: Path) -> dict[str, str]:
 Launcher = tuple[Callable[[Path], list[str]], dict[str, str] | None]
 
 
+# Floors for a Python server on this host (not qmpvm): the interpreter plus a
+# greeting over a plain socket, and the same from an asyncio server.
+_RAW_GREETER = """\
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.bind(sys.argv[1])
+s.listen()
+c, _ = s.accept()
+c.sendall(b'{"QMP": {"version": {}, "capabilities": []}}\\r\\n')
+c.recv(1)
+"""
+_ASYNCIO_GREETER = """\
+import asyncio, sys
+async def greet(reader, writer):
+    writer.write(b'{"QMP": {"version": {}, "capabilities": []}}\\r\\n')
+    await writer.drain()
+    await reader.read(1)
+async def main():
+    await asyncio.start_unix_server(greet, sys.argv[1])
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+REFERENCE = "floor: "
+
+
 def launchers(workdir: Path) -> dict[str, Launcher]:
     as_is = dict(os.environ)
     pyc = bytecode_env(workdir / "pycache")
@@ -204,6 +239,12 @@ def launchers(workdir: Path) -> dict[str, Launcher]:
         "qmpvm: .venv/bin/qmpvm": (qmpvm_script_argv, as_is),
         "qmpvm: python -m qmpvm +pyc": (qmpvm_module_argv, pyc),
         "qmpvm: .venv/bin/qmpvm +pyc": (qmpvm_script_argv, pyc),
+        f"{REFERENCE}python, socket": (
+            lambda sock: [sys.executable, "-c", _RAW_GREETER, str(sock)], as_is
+        ),
+        f"{REFERENCE}python, asyncio": (
+            lambda sock: [sys.executable, "-c", _ASYNCIO_GREETER, str(sock)], as_is
+        ),
     }
 
 
@@ -259,20 +300,94 @@ async def pipelined(client: QMPClient, calls: int) -> float:
     return elapsed
 
 
-async def many_clients(
-    sock: Path, pid: int, clients: int, calls: int
+async def client_load(
+    sock: Path,
+    clients: int,
+    calls: int,
+    barrier: BarrierLike | None = None,
+    mark: Callable[[], None] | None = None,
 ) -> tuple[float, float, float]:
-    """(commands/s, server CPU seconds, client CPU seconds) for the whole load."""
+    """``clients`` connections doing ``calls`` query-status each: (start, end, own CPU-s).
+
+    ``barrier`` lines up client processes before the clock starts; ``mark`` is
+    called just before and just after the timed part.
+    """
     conns = await asyncio.gather(*(connect(sock, f"c{i}") for i in range(clients)))
     try:
         await asyncio.gather(*(sequential(c, 10) for c in conns))  # warm-up
-        cpu0, own0, t0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
+        if barrier is not None:
+            await asyncio.to_thread(barrier.wait)
+        if mark is not None:
+            mark()
+        cpu0, t0 = time.process_time(), time.perf_counter()
         await asyncio.gather(*(sequential(c, calls) for c in conns))
-        wall = time.perf_counter() - t0
-        server_cpu, client_cpu = cpu_seconds(pid) - cpu0, time.process_time() - own0
+        t1, cpu1 = time.perf_counter(), time.process_time()
+        if mark is not None:
+            mark()
     finally:
         await asyncio.gather(*(c.disconnect() for c in conns), return_exceptions=True)
-    return clients * calls / wall, server_cpu, client_cpu
+    return t0, t1, cpu1 - cpu0
+
+
+def _client_worker(
+    sock: str, clients: int, calls: int, barrier: BarrierLike, results: QueueLike
+) -> None:
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    results.put(asyncio.run(client_load(Path(sock), clients, calls, barrier)))
+
+
+def bench_many(workdir: Path, clients: int, calls: int, procs: int) -> tuple[float, float, float]:
+    """(commands/s, qmpvm CPU-s, clients' CPU-s) for ``clients`` spread over ``procs``.
+
+    perf_counter is CLOCK_MONOTONIC, one clock for every process, so the
+    wall time is the first start to the last end over all client processes.
+    qmpvm's CPU time is read at the start barrier and when the last client
+    process reports (in-process: right around the timed part).
+    """
+    sock = workdir / "many.sock"
+    qmpvm = spawn(qmpvm_module_argv(sock), bytecode_env(workdir / "pycache"))
+    workers: list[multiprocessing.process.BaseProcess] = []
+    cpu: list[float] = []
+    try:
+        asyncio.run(_wait_listening(sock, qmpvm))
+        if procs <= 1:
+
+            def mark() -> None:
+                cpu.append(cpu_seconds(qmpvm.pid))
+
+            spans = [asyncio.run(client_load(sock, clients, calls, mark=mark))]
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            barrier, results = ctx.Barrier(procs + 1), ctx.Queue()
+            shares = [clients // procs + (i < clients % procs) for i in range(procs)]
+            for share in shares:
+                worker = ctx.Process(
+                    target=_client_worker, args=(str(sock), share, calls, barrier, results)
+                )
+                worker.start()
+                workers.append(worker)
+            barrier.wait(timeout=120)
+            cpu.append(cpu_seconds(qmpvm.pid))
+            spans = [results.get(timeout=300) for _ in workers]
+            cpu.append(cpu_seconds(qmpvm.pid))
+    finally:
+        for worker in workers:
+            worker.join(10)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        stop(qmpvm)
+    wall = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+    return clients * calls / wall, cpu[1] - cpu[0], sum(used for _, _, used in spans)
+
+
+async def _wait_listening(sock: Path, process: subprocess.Popen[bytes]) -> None:
+    """Until qmpvm answers commands and has finished its start-up work."""
+    client = await connect(sock, "probe", process)
+    await client.execute("query-status")
+    await asyncio.sleep(1.0)
+    await client.disconnect()
 
 
 async def bench_monitor(workdir: Path, opts: argparse.Namespace) -> dict[str, object]:
@@ -301,8 +416,6 @@ async def bench_monitor(workdir: Path, opts: argparse.Namespace) -> dict[str, ob
         finally:
             for client in clients.values():
                 await client.disconnect()
-        stop(qemu)
-        results["many"] = await many_clients(qmpvm_sock, qmpvm.pid, opts.clients, opts.per_client)
     finally:
         stop(qemu)
         stop(qmpvm)
@@ -325,6 +438,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer runs and calls (smoke run)")
     parser.add_argument("--runs", type=int, help="start-to-greeting runs per program (10)")
     parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument(
+        "--client-procs", type=int, default=1, help="spread the clients over N processes"
+    )
     opts = parser.parse_args()
     opts.runs = opts.runs or (3 if opts.quick else 10)
     opts.calls = 400 if opts.quick else 2000
@@ -332,6 +448,7 @@ def main() -> int:
     opts.pipeline_rounds = 2 if opts.quick else 5
     opts.per_client = 40 if opts.quick else 200
     logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # connect retries log errors
     signal.signal(signal.SIGTERM, _terminated)
     load_before = loadavg()
     try:
@@ -341,6 +458,7 @@ def main() -> int:
                   f"{'quick' if opts.quick else 'full'} run", flush=True)  # fmt: skip
             greet = bench_greeting(workdir, opts.runs)
             mon = asyncio.run(bench_monitor(workdir, opts))
+            mon["many"] = bench_many(workdir, opts.clients, opts.per_client, opts.client_procs)
             print(f"load average during the run: {load_before} -> {loadavg()} "
                   "(other work on the host skews every figure)", flush=True)  # fmt: skip
     finally:
@@ -351,8 +469,8 @@ def main() -> int:
     for name, value in med.items():
         spread = f"min {ms(min(greet[name]))}, max {ms(max(greet[name]))}"
         print(f"    {name:30s} {ms(value):>12s}   ({spread})")
-    launchers = {k: v for k, v in med.items() if k != "QEMU"}
-    best = min(launchers, key=launchers.__getitem__)
+    qmpvms = {k: v for k, v in med.items() if k.startswith("qmpvm")}
+    best = min(qmpvms, key=qmpvms.__getitem__)
     greet_ratio = med[best] / med["QEMU"]
 
     seq, pipe = mon["seq"], mon["pipe"]
@@ -377,7 +495,7 @@ def main() -> int:
     rate, server_cpu, client_cpu = many
     total = opts.clients * opts.per_client
     print(f"\n(c) qmpvm, {opts.clients} concurrent qemu.qmp clients "
-          f"x {opts.per_client} query-status:")  # fmt: skip
+          f"x {opts.per_client} query-status, in {opts.client_procs} process(es):")  # fmt: skip
     print(f"    {rate:,.0f} commands/s wall; qmpvm used {server_cpu:.2f} CPU-s "
           f"({total / server_cpu if server_cpu else float('inf'):,.0f} commands per server CPU-s), "
           f"the clients {client_cpu:.2f} CPU-s")  # fmt: skip

@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("qmpvm")
 
 
+REPLAY_CLIENT = -1
+"""The client id of commands from --config and the command line."""
+
+
 class StartupError(Exception):
     """A replayed command was refused: one line for stderr."""
 
@@ -98,7 +102,7 @@ def _import_control_plane() -> None:
 
 
 async def replay(plane: ControlPlane, commands: list[dict[str, object]], origin: str) -> None:
-    client = Client(id=0)
+    client = Client(id=REPLAY_CLIENT)
     try:
         for command in commands:
             arguments = command.get("arguments", {})
