@@ -11,8 +11,13 @@ Measured, each printed as a qmpvm/QEMU ratio (lower is better for qmpvm):
 (a) start to greeting: from ``Popen`` to the greeting bytes arriving on a raw
     UNIX socket (the socket is poll-connected every 1 ms until it exists);
     median of ``--runs`` (10) runs per program, the programs taking turns
-    (QEMU, qmpvm -m, qmpvm script, QEMU, ...) after one unmeasured warm-up
-    start each.  The ratio uses the faster of the two qmpvm launchers.
+    (QEMU, each qmpvm launcher, the floors, QEMU, ...) after one unmeasured
+    warm-up start each.  qmpvm is started four ways: ``python -m qmpvm`` and
+    ``.venv/bin/qmpvm``, each in the environment as it is (this sandbox sets
+    PYTHONDONTWRITEBYTECODE=1, so qmpvm's own modules are compiled from
+    source at every start) and with a .pyc cache ("+pyc":
+    PYTHONPYCACHEPREFIX in the benchmark's temporary directory, which is how
+    an installed package runs).  The ratio uses the fastest of the four.
 (b) ``query-status`` round trip through one ``qemu.qmp`` QMPClient per
     server: sequential (2,000 calls, timed one by one; median per call, mean
     also shown) and pipelined (``asyncio.gather`` of 1,000 ``execute`` calls
@@ -32,10 +37,29 @@ Command::
     .venv/bin/python benchmarks/monitor.py            # full run (~30 s)
     .venv/bin/python benchmarks/monitor.py --quick    # smoke run (~10 s)
 
-Measured here (2026-11-24; 2 cores, QEMU 7.2.22, Python 3.11, full run):
-see the end of this docstring, filled in from a real run.
+The floor rows (a bare Python greeter over a plain socket, and one over
+asyncio) are not qmpvm: they show what any Python server pays on this host.
 
-FIGURES-PLACEHOLDER
+Measured here, 2026-11-24 15:22 UTC (2 cores, QEMU 7.2.22, CPython 3.11.7,
+TCG work from other users on the host, load average ~2.2; full run)::
+
+    (a) start -> greeting, median of 10      QEMU 32.5 ms
+        python -m qmpvm           148.2 ms   .venv/bin/qmpvm           119.0 ms
+        python -m qmpvm +pyc      122.8 ms   .venv/bin/qmpvm +pyc      118.6 ms
+        floor: python, socket      32.4 ms   floor: python, asyncio     84.2 ms
+    (b) sequential query-status  QEMU 0.482 ms/call  qmpvm 0.380 ms/call (median)
+        1000 pipelined           QEMU 368 ms         qmpvm 133 ms
+    (c) 64 clients: 3,922 commands/s wall; qmpvm 1.44 CPU-s for 12,800
+        commands = 8,889 commands per server CPU-second; clients 1.81 CPU-s
+    ratios: greeting 3.65 (.venv/bin/qmpvm +pyc; the fastest launcher, by a
+    hair over python -m qmpvm +pyc) MISSED; round trip 0.79 met (mean 0.90);
+    pipelined 0.36; 64 clients 3,922/s MISSED (goal 10,000/s)
+
+Two earlier full runs the same day (load average 3.7-4.0) gave greeting
+ratios 3.84 and 3.36, round-trip ratios 0.76 and 0.68, pipelined 0.46 and
+0.31, and 3,371 and 3,128 commands/s (8,050 and 8,707 per server CPU-s).
+The fastest qmpvm launcher changes from run to run; the ones with a .pyc
+cache always beat the ones without by 25-40 ms.
 """
 
 from __future__ import annotations
@@ -72,6 +96,7 @@ class BarrierLike(Protocol):
 
 class QueueLike(Protocol):
     def put(self, obj: object) -> None: ...
+
 
 # -- processes: every one we start is remembered and ended on any exit path --
 
@@ -240,10 +265,12 @@ def launchers(workdir: Path) -> dict[str, Launcher]:
         "qmpvm: python -m qmpvm +pyc": (qmpvm_module_argv, pyc),
         "qmpvm: .venv/bin/qmpvm +pyc": (qmpvm_script_argv, pyc),
         f"{REFERENCE}python, socket": (
-            lambda sock: [sys.executable, "-c", _RAW_GREETER, str(sock)], as_is
+            lambda sock: [sys.executable, "-c", _RAW_GREETER, str(sock)],
+            as_is,
         ),
         f"{REFERENCE}python, asyncio": (
-            lambda sock: [sys.executable, "-c", _ASYNCIO_GREETER, str(sock)], as_is
+            lambda sock: [sys.executable, "-c", _ASYNCIO_GREETER, str(sock)],
+            as_is,
         ),
     }
 
@@ -372,8 +399,8 @@ def bench_many(workdir: Path, clients: int, calls: int, procs: int) -> tuple[flo
             spans = [results.get(timeout=300) for _ in workers]
             cpu.append(cpu_seconds(qmpvm.pid))
     finally:
-        for worker in workers:
-            worker.join(10)
+        for worker in workers:  # they have reported (or we are failing): end them
+            worker.join(5 if len(cpu) == 2 else 0)
             if worker.is_alive():
                 worker.kill()
                 worker.join()

@@ -69,7 +69,7 @@ class ControlPlane:
         self.dispatcher: Dispatcher | None = None
         self.vmm: Vmm | None = None
 
-    async def load(self, options: Options) -> Vmm:
+    async def load(self, options: Options, quit_requested: asyncio.Event) -> Vmm:
         await asyncio.to_thread(_import_control_plane)
         from qmpvm.commands import REGISTRY
         from qmpvm.monitor.dispatch import Dispatcher
@@ -77,7 +77,12 @@ class ControlPlane:
         from qmpvm.vmm import EngineSettings, Vmm
 
         state_dir = Path(options.state_dir) if options.state_dir else None
-        vmm = Vmm(Store(state_dir), EngineSettings(binary=options.engine), hooks=REGISTRY.hooks)
+        vmm = Vmm(
+            Store(state_dir),
+            EngineSettings(binary=options.engine),
+            hooks=REGISTRY.hooks,
+            quit_requested=quit_requested,
+        )
         self.vmm, self.dispatcher = vmm, Dispatcher(REGISTRY, vmm)
         self._ready.set()
         return vmm
@@ -131,12 +136,13 @@ async def serve(options: Options) -> int:
         await server.close()
         print(f"qmpvm: -qmp: {err}", file=sys.stderr)
         return 1
-    vmm = await plane.load(options)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()  # a signal during start-up still stops cleanly
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop.set)
+    vmm = await plane.load(options, stop)
     store = vmm.store
     vmm.add_sink(server.broadcast)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, vmm.quit_requested.set)
     vmm.start_probe()
     before = vmm.config
     try:

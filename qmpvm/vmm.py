@@ -72,6 +72,7 @@ class Vmm:
         store: Store,
         settings: EngineSettings | None = None,
         hooks: Mapping[str, list[EventHook]] | None = None,
+        quit_requested: asyncio.Event | None = None,
     ) -> None:
         self.store = store
         self._hooks = hooks or {}
@@ -82,7 +83,7 @@ class Vmm:
         self.machine: EngineMachine | None = None
         self.status = "prelaunch"
         self.last_exit: dict[str, object] | None = None
-        self.quit_requested = asyncio.Event()
+        self.quit_requested = quit_requested or asyncio.Event()
         self._sinks: list[EventSink] = []
         self._caps_task: asyncio.Task[Capabilities | None] | None = None
 

@@ -43,6 +43,17 @@ class QmpvmProcess:
                 self.process.wait()
 
 
+_STARTED: list[QmpvmProcess] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftover_qmpvm() -> Iterator[None]:
+    """A test that fails half-way must not leave qmpvm (and its engine) running."""
+    yield
+    while _STARTED:
+        _STARTED.pop().stop()
+
+
 def start_qmpvm(
     tmp: Path, *extra: str, state_dir: Path | None = None, name: str = "qmp"
 ) -> QmpvmProcess:
@@ -62,7 +73,11 @@ def start_qmpvm(
             process.kill()
             raise RuntimeError("qmpvm did not open its socket")
         time.sleep(0.01)
-    return QmpvmProcess(process=process, socket=sock, state_dir=state_dir, stderr_path=stderr_path)
+    started = QmpvmProcess(
+        process=process, socket=sock, state_dir=state_dir, stderr_path=stderr_path
+    )
+    _STARTED.append(started)
+    return started
 
 
 @pytest.fixture

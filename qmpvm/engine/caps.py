@@ -442,7 +442,8 @@ async def load_or_probe(
     directory = cache_dir if cache_dir is not None else default_cache_dir()
     key = _cache_key(_stat_identity(_resolve(binary)))
     file = cache_path(directory, key)
-    cached = _load_cached(file, key)
+    # Parsing ~1 MB of cache takes tens of ms: keep it off the event loop.
+    cached = await asyncio.to_thread(_load_cached, file, key)
     if cached is not None:
         logger.debug("engine capabilities from %s", file)
         return cached
