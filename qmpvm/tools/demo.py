@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -141,7 +142,8 @@ async def demo(workdir: Path, accel: str) -> int:
                     break
         await _execute(client, "query-status")
         await _execute(client, "quit")
-        await client.disconnect()
+        with contextlib.suppress(EOFError, ConnectionError):
+            await client.disconnect()  # qmpvm may have closed its side first
         process.wait(timeout=10)
         print(
             f"== done in {time.monotonic() - started:.2f}s; qmpvm exited with {process.returncode}",
