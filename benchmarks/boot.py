@@ -82,7 +82,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -90,12 +89,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from processes import bytecode_env, cpu_seconds, exit_on_sigterm, spawn, stop, stop_all
 from qemu.qmp import ConnectError, QMPClient
 
 from qmpvm.images import READY_MARKER, build_guest
 from qmpvm.tools.console import SocketConsole
 
-REPO = Path(__file__).resolve().parent.parent
 QEMU = "qemu-system-x86_64"
 MiB = 1024 * 1024
 APPEND = "console=ttyS0 quiet panic=-1"
@@ -103,48 +102,6 @@ BOOT_TIMEOUT = 120.0
 GOAL_RATIO = 1.05
 
 # -- processes: every one we start is remembered and ended on any exit path --
-
-_STARTED: list[subprocess.Popen[bytes]] = []
-
-
-def spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own process group (qmpvm's engine belongs to it too)."""
-    process = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        cwd=REPO,
-        env=env,
-    )
-    _STARTED.append(process)
-    return process
-
-
-def stop(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    """SIGTERM the process group we created, then SIGKILL whatever lingers in it."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    if process.stderr is not None:
-        process.stderr.close()
-    if process in _STARTED:
-        _STARTED.remove(process)
-
-
-def stop_all() -> None:
-    for process in list(_STARTED):
-        stop(process, grace=3.0)
-
-
-def _terminated(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def stderr_tail(process: subprocess.Popen[bytes]) -> str:
@@ -299,19 +256,6 @@ async def boot_qmpvm(guest: Guest, run_dir: Path, env: dict[str, str]) -> dict[s
         stop(process)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` alone (not its children, so not the engine)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def bytecode_env(cache: Path) -> dict[str, str]:
-    """This environment with .pyc files kept in ``cache`` (outside the source tree)."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(cache)
-    return env
-
-
 # -- the run ------------------------------------------------------------------------
 
 
@@ -372,7 +316,7 @@ def main() -> int:
     opts.runs = opts.runs or (2 if opts.quick else 5)
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # connect retries log errors
-    signal.signal(signal.SIGTERM, _terminated)
+    exit_on_sigterm()
     load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     try:
         with tempfile.TemporaryDirectory(prefix="qmpvm-boot-") as tmp:

@@ -66,11 +66,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -81,12 +79,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from processes import bytecode_env, cpu_seconds, exit_on_sigterm, spawn, stop, stop_all
 from qemu.qmp import ConnectError, QMPClient
 
-REPO = Path(__file__).resolve().parent.parent
 QEMU = "qemu-system-x86_64"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "qmpvm"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 GOAL_COMMANDS_PER_S = 10_000
 
 
@@ -99,48 +96,6 @@ class QueueLike(Protocol):
 
 
 # -- processes: every one we start is remembered and ended on any exit path --
-
-_STARTED: list[subprocess.Popen[bytes]] = []
-
-
-def spawn(argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start ``argv`` in its own process group (so its children end with it)."""
-    process = subprocess.Popen(
-        argv,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        cwd=REPO,
-        env=env,
-    )
-    _STARTED.append(process)
-    return process
-
-
-def stop(process: subprocess.Popen[bytes], grace: float = 5.0) -> None:
-    """SIGTERM the process group we created, then SIGKILL it if it lingers."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(grace)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # stragglers in the group
-    process.wait()
-    if process.stderr is not None:
-        process.stderr.close()
-    if process in _STARTED:
-        _STARTED.remove(process)
-
-
-def stop_all() -> None:
-    for process in list(_STARTED):
-        stop(process, grace=2.0)
-
-
-def _terminated(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 # -- programs ------------------------------------------------------------------
@@ -157,12 +112,6 @@ def qmpvm_module_argv(sock: Path) -> list[str]:
 
 def qmpvm_script_argv(sock: Path) -> list[str]:
     return [str(CONSOLE_SCRIPT), "-qmp", f"unix:{sock},server=on,wait=off", "--preconfig"]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (the process itself, not its children)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def _unique_socket(workdir: Path) -> Iterator[Path]:
@@ -212,19 +161,6 @@ def start_to_greeting(
         return elapsed
     finally:
         stop(process)
-
-
-def bytecode_env(cache: Path) -> dict[str, str]:
-    """This environment, but with .pyc files written to (and read from) ``cache``.
-
-    The sandbox sets PYTHONDONTWRITEBYTECODE=1, so qmpvm's own modules (an
-    editable install) are compiled from source at every start; an installed
-    package has its .pyc files.  PYTHONPYCACHEPREFIX keeps them out of the
-    source tree.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(cache)
-    return env
 
 
 Launcher = tuple[Callable[[Path], list[str]], dict[str, str] | None]
@@ -476,7 +412,7 @@ def main() -> int:
     opts.per_client = 40 if opts.quick else 200
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # connect retries log errors
-    signal.signal(signal.SIGTERM, _terminated)
+    exit_on_sigterm()
     load_before = loadavg()
     try:
         with tempfile.TemporaryDirectory(prefix="qmpvm-bench-") as tmp:
