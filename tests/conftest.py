@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -12,8 +13,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from qemu.qmp import QMPClient
 
 QEMU = shutil.which("qemu-system-x86_64")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
@@ -112,11 +115,28 @@ def pids_of(binary: str) -> set[int]:
     return out
 
 
-async def quit_and_disconnect(client: object) -> None:
+async def quit_and_disconnect(client: QMPClient) -> None:
     """``quit``, then close our side: the server may have closed first."""
-    from qemu.qmp import QMPClient
-
-    assert isinstance(client, QMPClient)
     await client.execute("quit")
     with contextlib.suppress(EOFError, ConnectionError):
         await client.disconnect()
+
+
+async def connect(proc: QmpvmProcess, name: str = "test") -> QMPClient:
+    """A qemu.qmp client, negotiated, on ``proc``'s socket."""
+    client = QMPClient(name)
+    await client.connect(str(proc.socket))
+    return client
+
+
+async def next_event(
+    client: QMPClient, name: str, timeout: float = 30, **data: object
+) -> dict[str, Any]:
+    """The next event ``name`` whose data has the members in ``data``."""
+    async with asyncio.timeout(timeout):
+        async for event in client.events:
+            got = event.get("data")
+            got = got if isinstance(got, dict) else {}
+            if event["event"] == name and all(got.get(k) == v for k, v in data.items()):
+                return dict(event)
+    raise AssertionError(f"the event stream ended before {name}")

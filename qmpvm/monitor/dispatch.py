@@ -64,7 +64,7 @@ class Registry:
     commands: dict[str, CommandSpec] = field(default_factory=dict)
     events: dict[str, type | None] = field(default_factory=dict)
     hooks: dict[str, list[EventHook]] = field(default_factory=dict)
-    _schema: list[dict[str, object]] | None = None
+    _schema: list[dict[str, object]] | None = field(default=None, init=False, repr=False)
 
     def command(
         self,

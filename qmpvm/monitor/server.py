@@ -16,7 +16,7 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Protocol
 
@@ -188,9 +188,11 @@ class MonitorServer:
         self._accepting.append(asyncio.get_running_loop().create_task(self._accept_loop(sock)))
 
     def _spawn(
-        self, coro: object, on_done: Callable[[asyncio.Task[None]], None] | None = None
+        self,
+        coro: Coroutine[object, object, None],
+        on_done: Callable[[asyncio.Task[None]], None] | None = None,
     ) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         if on_done is not None:

@@ -8,10 +8,16 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import QmpvmProcess, needs_qemu, pids_of, quit_and_disconnect, start_qmpvm
+from conftest import (
+    connect,
+    needs_qemu,
+    next_event,
+    pids_of,
+    quit_and_disconnect,
+    start_qmpvm,
+)
 from qemu.qmp import ExecuteError, QMPClient
 
 from qmpvm.images import READY_MARKER, GuestImage, guest_cmdline
@@ -20,12 +26,6 @@ from qmpvm.tools.console import RingbufConsole, SocketConsole
 pytestmark = needs_qemu
 MiB = 1024 * 1024
 BOOT_TIMEOUT = 60
-
-
-async def connect(proc: QmpvmProcess) -> QMPClient:
-    client = QMPClient("engine-test")
-    await client.connect(str(proc.socket))
-    return client
 
 
 def socket_chardev(chardev_id: str, path: Path) -> dict[str, object]:
@@ -68,19 +68,6 @@ def disk(tmp: Path, name: str, size: int = 2 * MiB) -> tuple[Path, str]:
 
 def raw_node(node: str, path: Path) -> dict[str, object]:
     return {"driver": "raw", "node-name": node, "file": {"driver": "file", "filename": str(path)}}
-
-
-async def next_event(
-    client: QMPClient, name: str, timeout: float = 30, **data: object
-) -> dict[str, Any]:
-    """The next event ``name`` whose data has the members in ``data``."""
-    async with asyncio.timeout(timeout):
-        async for event in client.events:
-            if event["event"] == name and all(
-                event.get("data", {}).get(k) == v for k, v in data.items()
-            ):
-                return dict(event)
-    raise AssertionError("unreachable")
 
 
 async def test_boot_to_ready_marker_on_a_ringbuf_serial(tmp_path: Path, guest: GuestImage) -> None:

@@ -14,14 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import QmpvmProcess, quit_and_disconnect, start_qmpvm
+from conftest import QmpvmProcess, connect, quit_and_disconnect, start_qmpvm
 from qemu.qmp import ExecuteError, QMPClient
-
-
-async def connect(proc: QmpvmProcess, name: str = "test") -> QMPClient:
-    client = QMPClient(name)
-    await client.connect(str(proc.socket))
-    return client
 
 
 def raw_connect(proc: QmpvmProcess) -> socket.socket:

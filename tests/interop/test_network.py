@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QmpvmProcess, needs_qemu, quit_and_disconnect
+from conftest import QmpvmProcess, connect, needs_qemu, next_event, quit_and_disconnect
 from qemu.qmp import ExecuteError, QMPClient
 
 from qmpvm.images import READY_MARKER, GuestImage, guest_cmdline
@@ -188,12 +188,6 @@ async def boot_guest(
     return console
 
 
-async def connect(proc: QmpvmProcess) -> QMPClient:
-    client = QMPClient("network-test")
-    await client.connect(str(proc.socket))
-    return client
-
-
 async def query(client: QMPClient, command: str) -> dict[str, Any]:
     reply = await client.execute(command)
     assert isinstance(reply, dict), f"{command} returned {reply!r}"
@@ -249,19 +243,6 @@ async def guest_carrier(console: SocketConsole, wanted: str) -> str:
         f"for i in $(seq 25); do [ $(cat {carrier}) = {wanted} ] && break; sleep 0.2; done;"
         f" cat {carrier}"
     )
-
-
-async def next_event(
-    client: QMPClient, name: str, timeout: float = 30, **data: object
-) -> dict[str, Any]:
-    """The next event ``name`` whose data has the members in ``data``."""
-    async with asyncio.timeout(timeout):
-        async for event in client.events:
-            got = event.get("data")
-            got = got if isinstance(got, dict) else {}
-            if event["event"] == name and all(got.get(k) == v for k, v in data.items()):
-                return dict(event)
-    raise AssertionError(f"the event stream ended before {name}")
 
 
 async def test_cold_plugged_tap_pings_both_ways_and_follows_set_link(
