@@ -21,6 +21,10 @@ CURSOR_QUERY, CURSOR_REPLY = "\x1b[6n", "\x1b[1;1R"
 
 
 class GuestConsole:
+    #: Whether ``write`` reaches the guest; a read-only console leaves
+    #: busybox's terminal-size query unanswered (it falls back to 80x24).
+    interactive = True
+
     def __init__(self) -> None:
         self.transcript = ""
         self._seen = 0
@@ -35,7 +39,7 @@ class GuestConsole:
     async def read(self) -> str:
         text = await self._receive()
         self.transcript += text
-        if CURSOR_QUERY in text:  # busybox asks the terminal's size; answer like one
+        if self.interactive and CURSOR_QUERY in text:  # busybox asks the terminal's size
             await self.write(CURSOR_REPLY)
         return text
 
@@ -71,6 +75,8 @@ class GuestConsole:
 
 
 class RingbufConsole(GuestConsole):
+    interactive = False
+
     def __init__(self, client: QMPClient, chardev: str) -> None:
         super().__init__()
         self.client = client
@@ -84,6 +90,12 @@ class RingbufConsole(GuestConsole):
             if data:
                 return str(data)
             await asyncio.sleep(POLL_INTERVAL)
+
+    async def write(self, text: str) -> None:
+        raise RuntimeError(
+            f"chardev {self.chardev!r} is a ringbuf: its output can be read, but input "
+            "cannot reach the guest; use a socket chardev for an interactive console"
+        )
 
 
 class SocketConsole(GuestConsole):
