@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from qmpvm.cli import Options
 from qmpvm.monitor.client import Client
+from qmpvm.monitor.early import EarlyMonitor, Listener, greeting_line
 from qmpvm.monitor.protocol import Request
-from qmpvm.monitor.server import MonitorServer, default_greeting
+from qmpvm.monitor.server import MonitorServer
 
 if TYPE_CHECKING:
     from qmpvm.monitor.dispatch import Dispatcher
@@ -123,15 +124,28 @@ async def replay(plane: ControlPlane, commands: list[dict[str, object]], origin:
         plane.client_gone(client)
 
 
-async def serve(options: Options) -> int:
+def _open_listeners(
+    server: MonitorServer, listeners: list[Listener], early: EarlyMonitor | None
+) -> None:
+    """Take over what the early monitor bound and greeted, or bind now."""
+    if early is None:
+        for listener in listeners:
+            server.listen(listener)
+        return
+    bound, greeted = early.handoff()
+    if [listener for _sock, listener in bound] != listeners:
+        raise RuntimeError(f"early monitor bound {bound}, the command line asks {listeners}")
+    for sock, listener in bound:
+        server.adopt_listener(sock, listener)
+    for sock, peer in greeted:
+        server.adopt_connection(sock, peer, greeted=True)
+
+
+async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
     plane = ControlPlane()
-    server = MonitorServer(plane, default_greeting())
+    server = MonitorServer(plane, greeting_line())
     try:
-        for listener in options.listeners:
-            if listener.kind == "unix":
-                server.listen_unix(listener.path)
-            else:
-                server.listen_tcp(listener.host, listener.port)
+        _open_listeners(server, options.listeners, early)
     except OSError as err:
         await server.close()
         print(f"qmpvm: -qmp: {err}", file=sys.stderr)
@@ -181,11 +195,11 @@ async def _wait_for_end(vmm: Vmm, *, has_listeners: bool) -> None:
             return
 
 
-def run(options: Options) -> int:
+def run(options: Options, early: EarlyMonitor | None = None) -> int:
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(options.verbosity, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if options.print_qmp:
         for command in options.machine_commands():
             print(json.dumps(command))
         return 0
-    return asyncio.run(serve(options))
+    return asyncio.run(serve(options, early))

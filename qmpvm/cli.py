@@ -15,10 +15,14 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from qmpvm.errors import ArgumentError
 from qmpvm.keyval import parse
+from qmpvm.monitor.early import Listener, parse_qmp_spec
+
+if TYPE_CHECKING:
+    from qmpvm.monitor.early import EarlyMonitor
 
 MiB = 1024 * 1024
 
@@ -58,14 +62,6 @@ class Start(StrEnum):
     RUN = "run"  # machine-init + cont
     PAUSED = "paused"  # machine-init only (-S)
     PRECONFIG = "preconfig"  # neither
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Listener:
-    kind: str  # "unix" or "tcp"
-    path: str = ""
-    host: str = ""
-    port: int = 0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -162,26 +158,10 @@ class _Parser:
     # -- process options -------------------------------------------------
 
     def _qmp(self, option: str, args: Iterator[str]) -> None:
-        spec = self.value(args, option)
-        kind, _, rest = spec.partition(":")
-        params = rest.split(",")
-        where, flags = params[0], dict(p.partition("=")[::2] for p in params[1:])
-        for key, value in flags.items():
-            if key == "server" and value not in ("on", ""):
-                self.fail(f"-qmp {spec}: only server=on is supported")
-            if key not in ("server", "wait"):
-                self.fail(f"-qmp {spec}: unknown parameter '{key}'")
-        if kind == "unix" and where:
-            self.options.listeners.append(Listener(kind="unix", path=where))
-        elif kind == "tcp":
-            host, _, port = where.rpartition(":")
-            if not port.isdigit():
-                self.fail(f"-qmp {spec}: expected tcp:HOST:PORT")
-            self.options.listeners.append(
-                Listener(kind="tcp", host=host or "127.0.0.1", port=int(port))
-            )
-        else:
-            self.fail(f"-qmp {spec}: expected unix:PATH or tcp:HOST:PORT")
+        try:
+            self.options.listeners.append(parse_qmp_spec(self.value(args, option)))
+        except ValueError as err:
+            self.fail(str(err))
 
     def _flag(self, option: str, args: Iterator[str]) -> None:
         if option == "-S":
@@ -439,18 +419,21 @@ def parse_argv(argv: list[str]) -> Options:
 SUBCOMMANDS = ("image", "console", "qmp", "demo")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, early: EarlyMonitor | None = None) -> int:
+    """Run qmpvm; ``early`` is the monitor ``qmpvm.__main__`` opened already, if any."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
         return _subcommand(argv[0], argv[1:])
     try:
         options = parse_argv(argv)
     except UsageError as err:
+        if early is not None:
+            early.close()
         print(f"qmpvm: {err}", file=sys.stderr)
         return 1
     from qmpvm.app import run
 
-    return run(options)
+    return run(options, early)
 
 
 def _subcommand(name: str, argv: list[str]) -> int:

@@ -226,11 +226,6 @@ def encode(message: Mapping[str, object]) -> bytes:
     return json.dumps(message, separators=(", ", ": "), default=_plain).encode() + b"\r\n"
 
 
-def greeting(major: int, minor: int, micro: int, package: str) -> dict[str, object]:
-    version = {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": package}
-    return {"QMP": {"version": version, "capabilities": []}}
-
-
 def event(name: str, data: Mapping[str, object] | None, now: float) -> dict[str, object]:
     seconds = int(now)
     message: dict[str, object] = {"event": name}

@@ -14,14 +14,13 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import socket
 from collections.abc import Callable, Coroutine
-from pathlib import Path
 from typing import Protocol
 
 from qmpvm.monitor.client import Client
-from qmpvm.monitor.protocol import Reply, Request, ServerConnection, encode, greeting
+from qmpvm.monitor.early import Listener, bind, unbind
+from qmpvm.monitor.protocol import Reply, Request, ServerConnection, encode
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,13 @@ class Backend(Protocol):
 
 class Session:
     def __init__(
-        self, sock: socket.socket, server: MonitorServer, client: Client, peer: str
+        self,
+        sock: socket.socket,
+        server: MonitorServer,
+        client: Client,
+        peer: str,
+        *,
+        greeted: bool = False,
     ) -> None:
         self.sock = sock
         self.server = server
@@ -53,12 +58,15 @@ class Session:
         self._out: asyncio.Queue[bytes | None] = asyncio.Queue(OUTPUT_QUEUE)
         self._unix = sock.family == socket.AF_UNIX
         self._dropped = False
+        self._greeted = greeted
 
     async def run(self) -> None:
-        self.log.info("connected from %s", self._peer)
+        early = " (greeted during start-up)" if self._greeted else ""
+        self.log.info("connected from %s%s", self._peer, early)
         writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
-            await self._send(self.server.greeting)
+            if not self._greeted:
+                await self._out.put(self.server.greeting)
             await self._read_loop()
         except (ConnectionError, OSError) as err:
             self.log.info("connection error: %s", err)
@@ -145,12 +153,12 @@ async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> Non
 
 
 class MonitorServer:
-    def __init__(self, backend: Backend, greeting_message: dict[str, object]) -> None:
+    def __init__(self, backend: Backend, greeting: bytes) -> None:
         self.backend = backend
-        self.greeting = greeting_message
+        self.greeting = greeting
         self.sessions: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._listeners: list[tuple[socket.socket, str | None]] = []
+        self._listeners: list[tuple[socket.socket, Listener]] = []
         self._accepting: list[asyncio.Task[None]] = []
         self._next_client = 1
 
@@ -159,33 +167,22 @@ class MonitorServer:
         for session in list(self.sessions):
             session.post_event(data)
 
-    def listen_unix(self, path: str) -> None:
-        """Mode 0600; the path appears only once it accepts connections."""
-        if os.path.exists(path) and not Path(path).is_socket():
-            raise OSError(f"{path} exists and is not a socket")
-        staging = f"{path}.{os.getpid()}.tmp"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            sock.bind(staging)
-        finally:
-            os.umask(old)
-        sock.listen(BACKLOG)
-        os.replace(staging, path)
-        self._start(sock, path)
+    def listen(self, listener: Listener) -> None:
+        self.adopt_listener(socket.socket(fileno=bind(listener).detach()), listener)
 
-    def listen_tcp(self, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-        self._start(sock, None)
-
-    def _start(self, sock: socket.socket, path: str | None) -> None:
+    def adopt_listener(self, sock: socket.socket, listener: Listener) -> None:
+        """Serve a socket already listening (bound by ``EarlyMonitor``)."""
         sock.setblocking(False)
-        self._listeners.append((sock, path))
+        self._listeners.append((sock, listener))
         self._accepting.append(asyncio.get_running_loop().create_task(self._accept_loop(sock)))
+
+    def adopt_connection(self, sock: socket.socket, peer: str, *, greeted: bool) -> None:
+        sock.setblocking(False)
+        client = Client(id=self._next_client)
+        self._next_client += 1
+        session = Session(sock, self, client, peer, greeted=greeted)
+        self.sessions.add(session)
+        self._spawn(session.run(), functools.partial(self._session_done, session))
 
     def _spawn(
         self,
@@ -207,22 +204,14 @@ class MonitorServer:
                 log.warning("accept failed: %s", err)
                 await asyncio.sleep(0.1)
                 continue
-            sock.setblocking(False)
-            client = Client(id=self._next_client)
-            self._next_client += 1
-            session = Session(sock, self, client, str(addr) or "unix")
-            self.sessions.add(session)
-            self._spawn(session.run(), functools.partial(self._session_done, session))
+            self.adopt_connection(sock, str(addr) or "unix", greeted=False)
 
     def _session_done(self, session: Session, _task: asyncio.Task[None]) -> None:
         self.sessions.discard(session)
 
     async def close(self, grace: float = 2.0) -> None:
-        for sock, path in self._listeners:
-            sock.close()
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+        for sock, listener in self._listeners:
+            unbind(sock, listener)
         self._listeners.clear()
         for task in self._accepting:
             task.cancel()
@@ -235,9 +224,3 @@ class MonitorServer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-
-
-def default_greeting() -> dict[str, object]:
-    from qmpvm import QEMU_VERSION, __version__
-
-    return greeting(*QEMU_VERSION, package=f"qmpvm {__version__}")
