@@ -5,9 +5,10 @@ from __future__ import annotations
 from qmpvm.commands.common import REGISTRY, change
 from qmpvm.config import block
 from qmpvm.config.resource import Kind
-from qmpvm.errors import ArgumentError
+from qmpvm.errors import ArgumentError, NotFoundError
 from qmpvm.monitor.dispatch import AFTER_INIT, Call
 from qmpvm.schema import to_json
+from qmpvm.vmm import Vmm
 
 
 @REGISTRY.command("blockdev-add", args=block.BlockdevOptions)
@@ -16,13 +17,41 @@ async def blockdev_add(call: Call) -> object:
     if args.node_name is None:
         raise ArgumentError("'node-name' must be specified for the root node")
     vmm = call.vmm
+    document = to_json(args)
+
+    async def on_engine() -> object:
+        await _share_fdsets(vmm, block.fdset_ids(document))
+        return await vmm.engine().execute("blockdev-add", document)
+
     await change(
         vmm,
         lambda c: c.add(block.make(args, c.next_seq)),
-        on_engine=lambda: vmm.engine().execute("blockdev-add", to_json(args)),
+        on_engine=on_engine,
         undo=lambda: vmm.engine().execute("blockdev-del", {"node-name": args.node_name}),
     )
     return {}
+
+
+async def _share_fdsets(vmm: Vmm, wanted: set[int]) -> None:
+    """Give the running engine the fdsets a hot-plugged node opens.
+
+    At machine-init every fdset goes over with ``-add-fd``; one added
+    later must be passed on the private link before the engine can open it.
+    """
+    if not wanted:
+        return
+    engine = vmm.engine()
+    known = await engine.execute("query-fdsets", {})
+    have = {entry["fdset-id"] for entry in known} if isinstance(known, list) else set()
+    for fdset_id in sorted(wanted - have):
+        entries = vmm.fds.fdsets.get(fdset_id)
+        if not entries:
+            raise NotFoundError(f"File descriptor named 'fdset-id={fdset_id}' not found")
+        for entry in entries:
+            arguments: dict[str, object] = {"fdset-id": fdset_id}
+            if entry.opaque is not None:
+                arguments["opaque"] = entry.opaque
+            await engine.execute("add-fd", arguments, fds=[entry.fd])
 
 
 @REGISTRY.command("blockdev-del", args=block.BlockdevDel)

@@ -104,6 +104,24 @@ def child_refs(args: Mapping[str, object]) -> Iterator[str]:
             yield from child_refs(child)
 
 
+FDSET_PREFIX = "/dev/fdset/"
+
+
+def fdset_ids(args: Mapping[str, object]) -> set[int]:
+    """The fdsets (``/dev/fdset/N`` filenames) that ``args`` or its inline children open."""
+    found: set[int] = set()
+    filename = args.get("filename")
+    if isinstance(filename, str) and filename.startswith(FDSET_PREFIX):
+        number = filename.removeprefix(FDSET_PREFIX)
+        if number.isdigit():
+            found.add(int(number))
+    for member in CHILD_MEMBERS:
+        child = args.get(member)
+        if isinstance(child, dict):
+            found |= fdset_ids(child)
+    return found
+
+
 def make(args: BlockdevBase, seq: int) -> Resource:
     doc = to_json(args)
     refs = tuple((Kind.BLOCK, name) for name in child_refs(doc))

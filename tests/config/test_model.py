@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from qmpvm.config.block import fdset_ids
 from qmpvm.config.boot import BootSet
 from qmpvm.config.machine import Accel, MachineConfig, MachineSet
 from qmpvm.config.model import Config, make_from_args
@@ -122,3 +123,14 @@ def test_schema_errors_use_qemu_wording() -> None:
         check(BootSet, {})
     with pytest.raises(ArgumentError, match="Parameter 'accel' does not accept value 'hvf'"):
         check(MachineSet, {"accel": "hvf"})
+
+
+def test_fdset_ids_found_in_inline_children() -> None:
+    node = {
+        "driver": "qcow2",
+        "file": {"driver": "file", "filename": "/dev/fdset/3"},
+        "backing": {"driver": "raw", "file": {"driver": "file", "filename": "/dev/fdset/10"}},
+    }
+    assert fdset_ids(node) == {3, 10}
+    assert fdset_ids({"driver": "file", "filename": "/dev/fdset/x"}) == set()
+    assert fdset_ids({"driver": "file", "filename": "/srv/disk.img"}) == set()

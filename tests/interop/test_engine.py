@@ -125,6 +125,19 @@ async def test_disk_hotplug_unplug_and_two_clients_hear_shutdown(
     wait_for_vdb = "for i in $(seq 20); do [ -e /sys/block/vdb ] && break; sleep 0.5; done"
     assert "vdb" in await console.run(f"{wait_for_vdb}; ls /sys/block")
     assert (await console.run("md5sum /dev/vdb")).split()[0] == hot_md5
+
+    passed, passed_md5 = disk(tmp_path, "passed.raw")  # opened by the client, not by path
+    fd = os.open(passed, os.O_RDWR)
+    try:
+        client.send_fd_scm(fd)
+        fdset = (await client.execute("add-fd", {"opaque": "passed.raw"}))["fdset-id"]
+    finally:
+        os.close(fd)
+    file = {"driver": "file", "filename": f"/dev/fdset/{fdset}"}
+    await client.execute("blockdev-add", {"driver": "raw", "node-name": "d2", "file": file})
+    await client.execute("device_add", {"driver": "virtio-blk-pci", "drive": "d2", "id": "vdc"})
+    wait_for_vdc = wait_for_vdb.replace("vdb", "vdc")
+    assert (await console.run(f"{wait_for_vdc}; md5sum /dev/vdc")).split()[0] == passed_md5
     export = await client.execute("config-export")
     assert {
         "execute": "device_add",
@@ -158,9 +171,8 @@ async def test_disk_hotplug_unplug_and_two_clients_hear_shutdown(
     assert exit_event["data"]["status"] == "shutdown"
     status = await client.execute("query-status")
     assert status["status"] == "shutdown" and status["phase"] == "no-machine"
-    assert (await client.execute("query-machine"))["devices"][-1]["id"] == "vda", (
-        "the store is intact"
-    )
+    devices = (await client.execute("query-machine"))["devices"]
+    assert [d.get("id") for d in devices] == ["serial0", "vda", "vdc"], "the store is intact"
     await console.close()
     await client.disconnect()
     await watcher.disconnect()
