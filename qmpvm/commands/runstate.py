@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from qmpvm.commands.common import REGISTRY, Passthrough
+from qmpvm.errors import ConfigError
 from qmpvm.monitor.dispatch import AFTER_INIT, Call
 from qmpvm.schema import to_json
 
@@ -13,7 +16,6 @@ RELAYED = (
     "system_powerdown",
     "ringbuf-read",
     "ringbuf-write",
-    "human-monitor-command",
     "qom-list",
     "qom-get",
     "query-pci",
@@ -28,6 +30,42 @@ async def relay(call: Call) -> object:
 
 for _name in RELAYED:
     REGISTRY.command(_name, args=Passthrough, returns=object, phases=AFTER_INIT)(relay)
+
+HMP_CHANGES_CONFIG = frozenset(
+    {
+        "device_add",
+        "device_del",
+        "drive_add",
+        "drive_del",
+        "netdev_add",
+        "netdev_del",
+        "chardev-add",
+        "chardev-change",
+        "chardev-remove",
+        "set_link",
+    }
+)
+"""HMP commands that would change what the store records behind its back."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HumanMonitorCommand:
+    command_line: str
+    cpu_index: int | None = None
+
+
+@REGISTRY.command("human-monitor-command", args=HumanMonitorCommand, returns=str, phases=AFTER_INIT)
+async def human_monitor_command(call: Call) -> object:
+    """Forwarded, except what would change the configuration unrecorded."""
+    args: HumanMonitorCommand = call.args
+    name = args.command_line.split(maxsplit=1)[0] if args.command_line.strip() else ""
+    if name in HMP_CHANGES_CONFIG:
+        raise ConfigError(
+            f"HMP command '{name}' would change the configuration without qmpvm "
+            f"recording it; use the QMP command instead"
+        )
+    return await call.vmm.forward("human-monitor-command", to_json(args))
+
 
 for _event in ("STOP", "RESUME", "RESET", "SHUTDOWN", "POWERDOWN", "DEVICE_DELETED", "ENGINE_EXIT"):
     REGISTRY.event(_event)

@@ -85,6 +85,10 @@ async def test_boot_to_ready_marker_on_a_ringbuf_serial(tmp_path: Path, guest: G
     await client.execute("cont")
     await RingbufConsole(client, "ser0").expect(READY_MARKER, BOOT_TIMEOUT)
     assert (await client.execute("query-status"))["status"] == "running"
+    hmp = "human-monitor-command"
+    assert "running" in await client.execute(hmp, {"command-line": "info status"})
+    with pytest.raises(ExecuteError, match="HMP command 'device_del' would change"):
+        await client.execute(hmp, {"command-line": "device_del serial0"})
     machine = await client.execute("query-machine")
     assert machine["engine"]["accel"] == "tcg"
     assert (await client.execute("query-kvm"))["enabled"] is False
