@@ -106,28 +106,28 @@ def check(spec: type | Union, value: object, path: str = "") -> Any:
     return _check_object(spec, value, path)
 
 
+@functools.cache
+def _layout(cls: type) -> tuple[tuple[tuple[str, str, object, bool], ...], frozenset[str], bool]:
+    """``_fields`` of ``cls`` but EXTRA_FIELD, their QMP names, and whether it has EXTRA_FIELD."""
+    fields = tuple(f for f in _fields(cls) if f[0] != EXTRA_FIELD)
+    return fields, frozenset(f[1] for f in fields), len(fields) < len(_fields(cls))
+
+
 def _check_object(cls: type, value: object, path: str) -> object:
     if not isinstance(value, dict):
         raise ArgumentError(f"Invalid parameter type for '{path}', expected: object")
+    fields, known, takes_extra = _layout(cls)
     kwargs: dict[str, object] = {}
-    extra: dict[str, object] | None = None
-    known = set()
-    for py_name, name, annotation, required in _fields(cls):
-        if py_name == EXTRA_FIELD:
-            extra = {}
-            continue
-        known.add(name)
+    for py_name, name, annotation, required in fields:
         if name in value:
             kwargs[py_name] = _check_value(annotation, value[name], _join(path, name))
         elif required:
             raise ArgumentError(f"Parameter '{_join(path, name)}' is missing")
-    for name in value:
-        if name not in known:
-            if extra is None:
-                raise ArgumentError(f"Parameter '{_join(path, name)}' is unexpected")
-            extra[name] = value[name]
-    if extra is not None:
+    extra = {} if value.keys() <= known else {k: v for k, v in value.items() if k not in known}
+    if takes_extra:
         kwargs[EXTRA_FIELD] = extra
+    elif extra:
+        raise ArgumentError(f"Parameter '{_join(path, next(iter(extra)))}' is unexpected")
     return cls(**kwargs)
 
 
@@ -139,17 +139,29 @@ _JSON_TYPE_NAMES: dict[type, str] = {
 }
 
 
-def _check_value(annotation: object, value: object, path: str) -> object:
+@functools.cache
+def _expected(annotation: object) -> tuple[object, object]:
+    """What ``_check_value`` tests for ``annotation``, and its generic origin.
+
+    ``X | None`` is X; ``Annotated[object, spec]`` is the spec (Ref, Union
+    or class).  Cached: annotations are few and checked at every command.
+    """
     annotation = strip_optional(annotation)
     if typing.get_origin(annotation) is typing.Annotated:
-        spec = typing.get_args(annotation)[1]
-        if isinstance(spec, Ref):
-            if isinstance(value, str):
-                return value
-            if not isinstance(value, dict):
-                raise ArgumentError(f"Invalid parameter type for '{path}', expected: {spec.name}")
-            spec = spec.spec
-        return check(spec, value, path)
+        annotation = typing.get_args(annotation)[1]
+    return annotation, typing.get_origin(annotation)
+
+
+def _check_value(annotation: object, value: object, path: str) -> object:
+    annotation, origin = _expected(annotation)
+    if isinstance(annotation, Ref):
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, dict):
+            raise ArgumentError(f"Invalid parameter type for '{path}', expected: {annotation.name}")
+        return check(annotation.spec, value, path)
+    if isinstance(annotation, Union):
+        return check(annotation, value, path)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -171,12 +183,12 @@ def _check_value(annotation: object, value: object, path: str) -> object:
             return annotation(value)
         except ValueError:
             raise ArgumentError(f"Parameter '{path}' does not accept value '{value}'") from None
-    elif typing.get_origin(annotation) is list:
+    elif origin is list:
         if not isinstance(value, list):
             raise ArgumentError(f"Invalid parameter type for '{path}', expected: array")
         (element,) = typing.get_args(annotation)
         return [_check_value(element, item, f"{path}[{i}]") for i, item in enumerate(value)]
-    elif typing.get_origin(annotation) in (Mapping, dict):
+    elif origin in (Mapping, dict):
         if isinstance(value, dict):
             return value
         raise ArgumentError(f"Invalid parameter type for '{path}', expected: object")

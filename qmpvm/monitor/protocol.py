@@ -6,6 +6,8 @@ Theory of operation (QMP specification, docs/interop/qmp-spec.rst):
   where each top-level value ends by tracking bracket depth and string state,
   so a message may arrive in pieces, several may arrive in one read, and none
   needs a newline.  Strings may be single-quoted, as QEMU's parser allows.
+  Whole standard-JSON objects at the start of a read (the usual case) go
+  straight to the C decoder instead; anything else takes the splitter.
 * ``ServerConnection`` is the one stateful object of a session: it starts in
   ``NEGOTIATING``, where only ``qmp_capabilities`` is accepted, and moves to
   ``COMMANDS``.  It answers framing and negotiation errors itself and hands
@@ -71,6 +73,11 @@ class JsonSplitter:
         self._bare = False  # inside an unquoted top-level token (e.g. 42)
         self._in_value = False
         self._too_deep = False
+
+    @property
+    def idle(self) -> bool:
+        """No value is in progress: the next byte starts a new one."""
+        return not self._in_value
 
     def feed(self, data: bytes) -> list[bytes | ParseFailure]:
         out: list[bytes | ParseFailure] = []
@@ -199,6 +206,41 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"invalid literal {name}")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+_TEXT_NON_SPACE = re.compile(r"[^ \t\r\n]")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    found = _TEXT_NON_SPACE.search(text, pos)
+    return len(text) if found is None else found.start()
+
+
+def leading_objects(data: bytes, max_bytes: int) -> tuple[list[object], int]:
+    """The whole JSON objects ``data`` starts with, and the offset after them.
+
+    Only ASCII standard JSON within the splitter's limits is taken here: an
+    object the C decoder accepts is exactly the value the splitter would cut
+    and ``decode_value`` would give, so the splitter sees only the rest (a
+    partial value, single quotes, non-ASCII, garbage, anything too big).
+    """
+    if not data.isascii():
+        return [], 0
+    text = data.decode("ascii")
+    values: list[object] = []
+    pos = _skip_space(text, 0)
+    while text.startswith("{", pos):
+        try:
+            value, end = _DECODER.raw_decode(text, pos)
+        except (ValueError, RecursionError):
+            break
+        openers = text.count("{", pos, end) + text.count("[", pos, end)  # >= the depth
+        if end - pos > max_bytes or openers > MAX_NESTING:
+            break  # for the splitter to report
+        values.append(value)
+        pos = _skip_space(text, end)
+    return values, pos
+
+
 def decode_value(raw: bytes) -> object:
     """One JSON value from the splitter, or ``ParseFailure``."""
     try:
@@ -221,9 +263,12 @@ def _plain(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+_ENCODER = json.JSONEncoder(separators=(", ", ": "), default=_plain)
+
+
 def encode(message: Mapping[str, object]) -> bytes:
     """One line of output, as QEMU writes it."""
-    return json.dumps(message, separators=(", ", ": "), default=_plain).encode() + b"\r\n"
+    return _ENCODER.encode(message).encode() + b"\r\n"
 
 
 def event(name: str, data: Mapping[str, object] | None, now: float) -> dict[str, object]:
@@ -283,24 +328,26 @@ def parse_request(value: object) -> Request | Reply:
         return Reply(message=error(ErrorClass.GENERIC, "QMP input must be a JSON object"))
     has_id = "id" in value
     msg_id = value.get("id")
+    name = value.get("execute")
+    arguments = value.get("arguments", {})
+    if isinstance(name, str) and isinstance(arguments, dict) and value.keys() <= _ALLOWED_MEMBERS:
+        return Request(name=name, arguments=arguments, msg_id=msg_id, has_id=has_id)
+    return Reply(message=error(ErrorClass.GENERIC, _refusal(value), msg_id, has_id=has_id))
 
-    def refuse(desc: str) -> Reply:
-        return Reply(message=error(ErrorClass.GENERIC, desc, msg_id, has_id=has_id))
 
+def _refusal(value: dict[str, object]) -> str:
+    """Why ``value`` is not a command, in the order QEMU checks."""
     for key in value:
         if key == "exec-oob":
-            return refuse("QMP input member 'exec-oob' is unexpected: out-of-band is not enabled")
+            return "QMP input member 'exec-oob' is unexpected: out-of-band is not enabled"
         if key not in _ALLOWED_MEMBERS:
-            return refuse(f"QMP input member '{key}' is unexpected")
+            return f"QMP input member '{key}' is unexpected"
     name = value.get("execute")
     if name is None:
-        return refuse("QMP input lacks member 'execute'")
+        return "QMP input lacks member 'execute'"
     if not isinstance(name, str):
-        return refuse("QMP input member 'execute' must be a string")
-    arguments = value.get("arguments", {})
-    if not isinstance(arguments, dict):
-        return refuse("QMP input member 'arguments' must be an object")
-    return Request(name=name, arguments=arguments, msg_id=msg_id, has_id=has_id)
+        return "QMP input member 'execute' must be a string"
+    return "QMP input member 'arguments' must be an object"
 
 
 class SessionState(enum.Enum):
@@ -313,6 +360,7 @@ class ServerConnection:
 
     def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
         self._splitter = JsonSplitter(max_bytes)
+        self._max_bytes = max_bytes
         self.state = SessionState.NEGOTIATING
 
     @property
@@ -321,8 +369,7 @@ class ServerConnection:
 
     def receive_data(self, data: bytes) -> Iterator[Request | Reply]:
         """Everything ``data`` completes, in order."""
-        for raw in self._splitter.feed(data):
-            value = raw if isinstance(raw, ParseFailure) else decode_value(raw)
+        for value in self._values(data):
             if isinstance(value, ParseFailure):
                 yield Reply(message=error(ErrorClass.GENERIC, value.desc))
                 continue
@@ -331,6 +378,15 @@ class ServerConnection:
                 yield request
             else:
                 yield self._negotiate(request)
+
+    def _values(self, data: bytes) -> list[object]:
+        values: list[object] = []
+        if self._splitter.idle:
+            values, start = leading_objects(data, self._max_bytes)
+            data = data[start:]
+        for raw in self._splitter.feed(data) if data else ():
+            values.append(raw if isinstance(raw, ParseFailure) else decode_value(raw))
+        return values
 
     def _negotiate(self, request: Request) -> Reply:
         if request.name != "qmp_capabilities":

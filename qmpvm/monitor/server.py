@@ -1,10 +1,20 @@
 """The QMP server: listeners, one task per client, SCM_RIGHTS, event fan-out.
 
-Each client has a reader task (bytes -> protocol -> dispatcher, one command
-at a time, as QEMU does without out-of-band) and a writer task draining a
-bounded queue.  Replies wait for room in the queue, which stalls only that
-client; an event that finds the queue full means the client stopped
-reading, and it is dropped with a logged reason rather than grow memory.
+Each client has one task that runs its commands one at a time, in order, as
+QEMU does without out-of-band.  Per message, the I/O costs one loop callback
+and one task wake-up:
+
+* The socket stays registered for reading for the session's lifetime; the
+  loop's callback reads whatever arrived into a short inbox, and reading
+  pauses while the inbox is full, so a busy session neither spins nor
+  buffers without bound.  Descriptors (SCM_RIGHTS) wait in the inbox with
+  their bytes and reach the client when the task handles that read, in
+  order with the commands, as if it had read them itself.
+* Output goes straight to the socket.  Only what the kernel does not take
+  yet is kept, in a backlog of at most ``MAX_OUTPUT`` messages.  A reply
+  waits for room there, which stalls only that client; an event that finds
+  the backlog full means the client stopped reading, and it is dropped with
+  a logged reason rather than grow memory.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import contextlib
 import functools
 import logging
 import socket
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Protocol
 
@@ -25,9 +36,13 @@ from qmpvm.monitor.protocol import Reply, Request, ServerConnection, encode
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
+READ_AHEAD = 4
+"""Reads kept before they are handled; then reading pauses until one is."""
 MAX_FDS_PER_MESSAGE = 16
-OUTPUT_QUEUE = 1024
-BACKLOG = 128
+MAX_OUTPUT = 1024
+"""Messages the kernel has not taken yet, per client."""
+FLUSH_SECONDS = 1.0
+"""How long a closing session waits for its client to read what is left."""
 _FD_ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
 
@@ -55,40 +70,46 @@ class Session:
         self.protocol = ServerConnection()
         self.log = log.getChild(f"client{client.id}")
         self._peer = peer
-        self._out: asyncio.Queue[bytes | None] = asyncio.Queue(OUTPUT_QUEUE)
-        self._unix = sock.family == socket.AF_UNIX
-        self._dropped = False
         self._greeted = greeted
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.fileno()
+        self._recv = self._recv_unix if sock.family == socket.AF_UNIX else self._recv_stream
+        self._inbox: deque[tuple[bytes, list[int]]] = deque()
+        self._reading = False
+        self._eof = False
+        self._output: deque[bytes | memoryview] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._closing = False
 
     async def run(self) -> None:
         early = " (greeted during start-up)" if self._greeted else ""
         self.log.info("connected from %s%s", self._peer, early)
-        writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
             if not self._greeted:
-                await self._out.put(self.server.greeting)
-            await self._read_loop()
-        except (ConnectionError, OSError) as err:
-            self.log.info("connection error: %s", err)
+                self._write(self.server.greeting)
+            self._resume_reading()
+            await self._serve()
+            await self._flush()
         finally:
-            with contextlib.suppress(asyncio.QueueFull):
-                self._out.put_nowait(None)
-            with contextlib.suppress(asyncio.TimeoutError, OSError, ConnectionError):
-                await asyncio.wait_for(writer, 1)
-            writer.cancel()
-            self.sock.close()
+            self._close()
             self.server.backend.client_gone(self.client)
             self.log.info("disconnected")
 
-    async def _read_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._dropped:
-            data, fds = await self._receive(loop)
+    async def _serve(self) -> None:
+        while True:
+            while not self._inbox and not self._closing:
+                await self._wait()
+            if self._closing:
+                return
+            data, fds = self._inbox.popleft()
+            self._resume_reading()
             if fds:
                 self.client.receive_fds(fds)
             if not data:
                 return
             for item in self.protocol.receive_data(data):
+                if self._closing:
+                    return
                 if isinstance(item, Reply):
                     await self._send(item.message)
                     continue
@@ -100,56 +121,143 @@ class Session:
                     self.log.exception("reply to %s is not JSON", item.name)
                     await self._send(item.fail("GenericError", f"internal error in '{item.name}'"))
 
-    async def _receive(self, loop: asyncio.AbstractEventLoop) -> tuple[bytes, list[int]]:
-        if not self._unix:
-            return await loop.sock_recv(self.sock, READ_SIZE), []
-        while True:
-            try:
-                data, ancdata, _flags, _addr = self.sock.recvmsg(READ_SIZE, _FD_ANCILLARY)
-            except BlockingIOError:
-                await _readable(loop, self.sock)
-                continue
-            fds: list[int] = []
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    numbers = array.array("i")
-                    numbers.frombytes(payload[: len(payload) - len(payload) % numbers.itemsize])
-                    fds.extend(numbers)
-            return data, fds
-
     async def _send(self, message: dict[str, object]) -> None:
         self.log.debug("<-- %s", message)
-        await self._out.put(encode(message))
+        data = encode(message)
+        while len(self._output) >= MAX_OUTPUT and not self._closing:
+            await self._wait()
+        self._write(data)
 
     def post_event(self, data: bytes) -> None:
-        if not self.protocol.wants_events or self._dropped:
+        if self._closing or not self.protocol.wants_events:
             return
-        try:
-            self._out.put_nowait(data)
-        except asyncio.QueueFull:
+        if len(self._output) >= MAX_OUTPUT:
             self.log.warning(
-                "dropped: output queue full (%d messages); client is not reading", OUTPUT_QUEUE
+                "dropped: output backlog full (%d messages); client is not reading", MAX_OUTPUT
             )
-            self._dropped = True
+            self._shut_down()
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
+            return
+        self._write(data)
 
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            data = await self._out.get()
-            if data is None:
+    # -- waiting: the task sleeps on one future, woken by any I/O callback --
+
+    async def _wait(self) -> None:
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- input --
+
+    def _resume_reading(self) -> None:
+        if not (self._reading or self._eof or self._closing) and len(self._inbox) < READ_AHEAD:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        try:
+            data, fds = self._recv()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as err:
+            self.log.info("connection error: %s", err)
+            data, fds = b"", []
+        self._inbox.append((data, fds))
+        if not data:
+            self._eof = True
+        if self._eof or len(self._inbox) >= READ_AHEAD:
+            self._pause_reading()
+        self._wake()
+
+    def _recv_unix(self) -> tuple[bytes, list[int]]:
+        data, ancdata, _flags, _addr = self.sock.recvmsg(READ_SIZE, _FD_ANCILLARY)
+        fds: list[int] = []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                numbers = array.array("i")
+                numbers.frombytes(payload[: len(payload) - len(payload) % numbers.itemsize])
+                fds.extend(numbers)
+        return data, fds
+
+    def _recv_stream(self) -> tuple[bytes, list[int]]:
+        return self.sock.recv(READ_SIZE), []
+
+    # -- output --
+
+    def _write(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._output:
+            self._output.append(data)
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as err:
+            self._lost(err)
+            return
+        if sent < len(data):
+            self._output.append(memoryview(data)[sent:])
+            self._loop.add_writer(self._fd, self._on_writable)
+
+    def _on_writable(self) -> None:
+        while self._output:
+            head = self._output[0]
+            try:
+                sent = self.sock.send(head)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as err:
+                self._lost(err)
                 return
-            await loop.sock_sendall(self.sock, data)
+            if sent < len(head):
+                self._output[0] = memoryview(head)[sent:]
+                break
+            self._output.popleft()
+        if not self._output:
+            self._loop.remove_writer(self._fd)
+        self._wake()
 
+    async def _flush(self) -> None:
+        """Give the client ``FLUSH_SECONDS`` to read what is left."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FLUSH_SECONDS):
+                while self._output and not self._closing:
+                    await self._wait()
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready = loop.create_future()
-    loop.add_reader(sock.fileno(), ready.set_result, None)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(sock.fileno())
+    # -- ending --
+
+    def _lost(self, err: OSError) -> None:
+        self.log.info("connection error: %s", err)
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        """Stop all I/O now; the task notices and ends the session."""
+        self._closing = True
+        self._output.clear()
+        self._loop.remove_writer(self._fd)
+        self._pause_reading()
+        self._wake()
+
+    def _close(self) -> None:
+        self._shut_down()
+        for _data, fds in self._inbox:  # descriptors read but never handled
+            self.client.receive_fds(fds)
+        self._inbox.clear()
+        self.sock.close()
 
 
 class MonitorServer:

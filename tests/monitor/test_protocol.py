@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from qmpvm.monitor import protocol
 from qmpvm.monitor.protocol import (
     JsonSplitter,
     ParseFailure,
@@ -201,3 +204,62 @@ def test_invalid_byte_abandons_the_value_in_progress() -> None:
     out = splitter.feed(b'["open \xff{"c": 2}')
     assert isinstance(out[0], ParseFailure)
     assert out[1:] == [b'{"c": 2}']
+
+
+pieces = st.one_of(
+    messages.map(lambda ms: b"".join(json.dumps(m).encode() for m in ms)),
+    st.sampled_from(
+        [
+            b" \r\n",
+            b"{'execute': 'single', 'id': 'q'}",
+            b'{"execute": "caf\xc3\xa9"}',
+            b'{"a": NaN}',
+            b'{"a": 1',
+            b"[1, 2]",
+            b"42 ",
+            b"}",
+            b"\xff",
+            b"\x00",
+            b'{"s": "tab\tinside"}',
+            b'{"deep": ' + b"[" * 1100 + b"]" * 1100 + b"}",
+        ]
+    ),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stream=st.lists(pieces, max_size=8).map(b"".join),
+    max_bytes=st.sampled_from([16, 200, 1 << 20]),
+    data=st.data(),
+)
+def test_whole_objects_fast_path_matches_the_splitter(
+    stream: bytes, max_bytes: int, data: st.DataObject
+) -> None:
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+
+    def run() -> list[Request | Reply]:
+        conn = ServerConnection(max_bytes)
+        list(conn.receive_data(b'{"execute": "qmp_capabilities"}'))
+        return [item for chunk in chunks for item in conn.receive_data(chunk)]
+
+    fast = run()
+    with mock.patch.object(protocol, "leading_objects", lambda _data, _max: ([], 0)):
+        assert run() == fast
+
+
+def test_nesting_limit_holds_whatever_the_recursion_limit() -> None:
+    conn = ServerConnection()
+    list(conn.receive_data(b'{"execute": "qmp_capabilities"}'))
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # the C decoder alone would then accept 1,100 levels
+    try:
+        (reply,) = _replies(conn, b'{"a": ' + b"[" * 1100 + b"]" * 1100 + b"}")
+    finally:
+        sys.setrecursionlimit(limit)
+    assert isinstance(reply, Reply)
+    assert reply.message["error"] == {
+        "class": "GenericError",
+        "desc": "JSON parse error, nesting deeper than 1024",
+    }
