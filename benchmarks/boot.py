@@ -43,35 +43,41 @@ Command::
     .venv/bin/python benchmarks/boot.py --runs 9 --pyc
 
 Also printed, to show where qmpvm's time goes: each qmpvm boot's steps from
-Popen (greeting, configured = last device_add answered, machine-init, cont
+Popen (greeting, machine-set answered = the control plane and the capability
+cache loaded, configured = last device_add answered, machine-init, cont
 answered = "running", then the guest), the CPU qmpvm itself uses while the
 guest boots, and plain QEMU with the same command line plus ``-S -qmp``
-timed from Popen to its QMP greeting: the machine built, the reference for
-``machine-init``.
+timed from Popen to its reply to ``qmp_capabilities``: the machine built,
+the reference for ``machine-init``.  (Not to its greeting: QEMU's monitor
+greets from a thread of its own before the machine exists, ~30 ms after
+Popen, while building it takes another ~40 ms.)
 
-Measured here, 2026-11-24 15:23 UTC (2 cores, QEMU 7.2.22, TCG, CPython
-3.11.7, other users' TCG guests on the host, load average ~2.2; default run)::
+Measured here, 2026-11-24 16:27 UTC (2 cores, QEMU 7.2.22, TCG, CPython
+3.11.7, other users' work on the host, load average ~1.4; default run)::
 
-    (a) plain QEMU -> ready marker     median 3.507 s (3.183 .. 4.151)
-    (b) qmpvm over QMP -> ready marker median 4.535 s (3.609 .. 5.465)
-        medians: greeting 138 ms, configured 307 ms, machine-init 86 ms,
-        running 0.397 s, then the guest 4.139 s (qmpvm 0.00 CPU-s meanwhile)
-        QEMU, same command line + -S -qmp, start -> greeting: 34 ms
-        qmpvm's extra time before the guest runs: 363 ms = 10.3% of (a)
-        cold capability cache: 7.050 s (2.01 x (a)); configured at 1.615 s
-    ratio b/a, warm cache: 1.293   goal <= 1.05: MISSED
+    (a) plain QEMU -> ready marker     median 4.110 s (3.603 .. 4.414)
+    (b) qmpvm over QMP -> ready marker median 4.205 s (3.431 .. 4.547)
+        medians: greeting 95 ms, machine-set answered 179 ms, configured
+        184 ms, machine-init 82 ms, running 0.267 s, then the guest 3.938 s
+        (qmpvm 0.00 CPU-s meanwhile)
+        QEMU, same command line + -S -qmp, start -> machine built: 63 ms
+        qmpvm's extra time before the guest runs: 204 ms = 5.0% of (a)
+        cold capability cache: 4.762 s (1.16 x (a)); configured at 1.145 s
+    ratio b/a, warm cache: 1.023   goal <= 1.05: met
 
-Other full runs the same day, same script (load average 2.2-4.3): ratio
-1.038, 1.503, 1.267 (``--runs 9``) and 1.102 (``--pyc``); machine-init
-86-130 ms (85 ms with ``--pyc``) against 34-56 ms for QEMU to build the same
-machine; cold cache 7.05-8.89 s.  Boots vary by 1-3 s from run to run on
-this host, so one run's ratio is rough; the steady part is qmpvm's 0.35-0.56 s
-before the guest starts.  The guest phase after ``cont`` also came out longer
-under qmpvm than plain QEMU's whole boot in most pairs; a side check (plain
-QEMU vs plain QEMU -S + cont vs the engine's exact argv -S + cont, 5 each,
-all 4.04-4.08 s, qmpvm 4.73 s) found no cause in the command line or in
--S/cont, and the engine's main thread stays idle (0.1 CPU-s), so that part is
-unexplained and may be host noise.
+The next two runs: ratio 1.205 (running 0.277 s, extra 210 ms) and 1.105
+with ``--runs 15 --no-cold`` (running 0.297 s, extra 224 ms = 6.4%).  Boots
+vary by 1-1.5 s from run to run on this host, so one run's ratio is rough;
+the steady part is qmpvm's 0.2-0.3 s before the guest starts.  In most pairs
+the guest phase after ``cont`` came out longer under qmpvm than plain QEMU's
+boot minus its start to the machine built (by 0.23 s on average over the 15
+pairs, from -0.75 to +1.02 s).  Side checks found no cause: the engine uses as much CPU as the
+guest phase takes wall time, and the same whether qmpvm or a script starts
+it with the same argv (medians 4.41 vs 4.40 CPU-s over 8 pairs, with as many
+transparent huge pages); plain QEMU, the engine's argv with -S + cont, and
+either with 4 pcie-root-ports do not differ beyond the noise (8 boots each).
+The engine's CPU time per boot itself varies from 3.2 to 4.9 s here, so
+that part looks like host noise.
 """
 
 from __future__ import annotations
@@ -162,7 +168,10 @@ async def boot_qemu(guest: Guest, run_dir: Path) -> float:
 
 async def qemu_created(guest: Guest, run_dir: Path) -> float:
     """The reference for machine-init: plain QEMU, the same command line plus
-    ``-S -qmp``, from Popen to its QMP greeting (the machine built, not run)."""
+    ``-S -qmp``, from Popen to its reply to ``qmp_capabilities`` (the machine
+    built, not run).  Not to the greeting: QEMU's monitor runs in a thread of
+    its own and greets before the machine exists; commands wait for the main
+    loop, which starts once the machine is built."""
     console, sock = run_dir / "ttyS0.sock", run_dir / "qmp.sock"
     argv = [*qemu_argv(guest, console), "-S", "-qmp", f"unix:{sock},server=on,wait=off"]
     started = time.perf_counter()
@@ -177,10 +186,14 @@ async def qemu_created(guest: Guest, run_dir: Path) -> float:
                     raise RuntimeError(f"QEMU -S did not listen: {stderr_tail(process)}") from None
                 await asyncio.sleep(0.001)
         line = await asyncio.wait_for(reader.readline(), 30)
-        elapsed = time.perf_counter() - started
-        writer.close()
         if b'"QMP"' not in line:
             raise RuntimeError(f"QEMU -S: not a greeting: {line[:200]!r}")
+        writer.write(b'{"execute": "qmp_capabilities"}')
+        line = await asyncio.wait_for(reader.readline(), 30)
+        elapsed = time.perf_counter() - started
+        writer.close()
+        if b'"return"' not in line:
+            raise RuntimeError(f"QEMU -S: qmp_capabilities failed: {line[:200]!r}")
         return elapsed
     finally:
         stop(process)
@@ -212,6 +225,7 @@ async def boot_qmpvm(guest: Guest, run_dir: Path, env: dict[str, str]) -> dict[s
         await client.execute(
             "machine-set", {"type": "q35", "accel": "tcg", "memory": 256 * MiB, "cpus": 1}
         )
+        marks["machine-set"] = time.perf_counter() - started  # waits for the control plane
         await client.execute(
             "boot-set", {"kernel": str(guest.kernel), "initrd": str(guest.initrd), "append": APPEND}
         )
@@ -261,11 +275,12 @@ async def boot_qmpvm(guest: Guest, run_dir: Path, env: dict[str, str]) -> dict[s
 
 def steps(marks: dict[str, float]) -> str:
     """The steps of one qmpvm boot, from the start of the process."""
-    greeting, configured = marks["greeting"] * 1000, marks["configured"] * 1000
+    greeting, first = marks["greeting"] * 1000, marks["machine-set"] * 1000
+    configured = marks["configured"] * 1000
     init, running = marks["machine-init"] * 1000, marks["running"]
     guest, cpu = marks["ready"] - running, marks["qmpvm-cpu"]
-    return (f"greeting {greeting:.0f} ms, configured {configured:.0f} ms, "
-            f"machine-init {init:.0f} ms, running {running:.3f} s, "
+    return (f"greeting {greeting:.0f} ms, machine-set answered {first:.0f} ms, "
+            f"configured {configured:.0f} ms, machine-init {init:.0f} ms, running {running:.3f} s, "
             f"then the guest {guest:.3f} s with qmpvm using {cpu:.2f} CPU-s")  # fmt: skip
 
 
@@ -346,12 +361,12 @@ def main() -> int:
     assert isinstance(created, list)
     qemu_created_s = statistics.median(created)
     print(f"    machine-init round trip (warm cache): median {med['machine-init'] * 1000:.0f} ms; "
-          f"plain QEMU with this command line and -S -qmp, start -> greeting: "
-          f"median {qemu_created_s * 1000:.0f} ms")  # fmt: skip
+          f"plain QEMU with this command line and -S -qmp, start -> machine built "
+          f"(first reply): median {qemu_created_s * 1000:.0f} ms")  # fmt: skip
     extra = med["running"] - qemu_created_s
     print(f"    qmpvm's extra time before the guest runs (its 'running' minus QEMU's start -> "
-          f"greeting): {extra * 1000:.0f} ms = {extra / qemu:.1%} of plain QEMU's median boot; "
-          f"the boots themselves vary by {(max(qemu_runs) - min(qemu_runs)) * 1000:.0f} ms "
+          f"machine built): {extra * 1000:.0f} ms = {extra / qemu:.1%} of plain QEMU's median "
+          f"boot; the boots themselves vary by {(max(qemu_runs) - min(qemu_runs)) * 1000:.0f} ms "
           f"here")  # fmt: skip
     if cold:
         print(f"    cold capability cache (one boot): {cold['ready']:.3f} s "

@@ -40,11 +40,11 @@ async def machine_set(call: Call) -> object:
 
 
 def check_accel(accel: Accel, built_in: tuple[str, ...] | None) -> None:
-    from qmpvm.engine.host import kvm_state
-
     if built_in is not None and accel not in built_in:
         raise ConfigError(f"Accelerator '{accel}' is not built into the engine")
     if accel is Accel.KVM:
+        from qmpvm.engine.host import kvm_state  # only KVM needs a look at the host
+
         state = kvm_state()
         if not state.present:
             raise ConfigError(f"Accelerator 'kvm' is not available on this host: {state.reason}")
@@ -99,7 +99,7 @@ async def qom_list_types(call: Call) -> object:
         raise QmpvmError("The engine's capabilities are unavailable (is QEMU installed?)")
     if args.implements not in (None, "device"):
         return await call.vmm.forward("qom-list-types", to_json(args))
-    return [{"name": d.name} for d in caps.devices.values()]
+    return [{"name": name} for name in caps.devices]  # names only: nothing to decode
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

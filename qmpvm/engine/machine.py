@@ -10,7 +10,7 @@ A supervisor task waits for the process to exit and for the link to drain
 its last events, then reports once through ``on_exit``: status ``shutdown``
 when the guest powered off (the engine sent SHUTDOWN) or on ``quit``,
 ``internal-error`` otherwise.  The engine gets PR_SET_PDEATHSIG, so it dies
-with qmpvm even on SIGKILL.
+with qmpvm even on SIGKILL (``qmpvm.engine.process``).
 """
 
 from __future__ import annotations
@@ -22,15 +22,18 @@ import signal
 import socket
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from qmpvm.config.model import Config
-from qmpvm.engine.caps import Capabilities, die_with_parent
-from qmpvm.engine.host import default_accel
+from qmpvm.engine import process as engine_process
 from qmpvm.engine.launch import build_launch
-from qmpvm.engine.link import EngineLink
 from qmpvm.errors import EngineError
 from qmpvm.fds import FdRegistry
 from qmpvm.vmm import EngineSettings
+
+if TYPE_CHECKING:
+    from qmpvm.engine.caps import Capabilities
+    from qmpvm.engine.link import EngineLink
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +80,12 @@ class EngineMachine:
         on_exit: Callable[[EngineMachine, dict[str, object]], None],
     ) -> EngineMachine:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        accel = str(config.machine.accel) if config.machine.accel else default_accel()
+        if config.machine.accel:
+            accel = str(config.machine.accel)
+        else:
+            from qmpvm.engine.host import default_accel  # looks at the host: only when needed
+
+            accel = default_accel()
         plan = build_launch(
             config,
             binary=caps.binary if caps else settings.binary,
@@ -89,13 +97,11 @@ class EngineMachine:
         )
         log.info("launching engine: %s", " ".join(plan.argv))
         try:
-            process = await asyncio.create_subprocess_exec(
-                *plan.argv,
-                stdin=asyncio.subprocess.DEVNULL,
+            process = await engine_process.start(
+                plan.argv,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=plan.pass_fds,
-                preexec_fn=die_with_parent,
             )
         except OSError as err:
             ours.close()
@@ -110,6 +116,9 @@ class EngineMachine:
             if machine is not None:
                 machine._event(message)
             on_event(message)
+
+        # Imported only now, while the engine starts: qmpvm waits for that anyway.
+        from qmpvm.engine.link import EngineLink
 
         try:
             link = await EngineLink.open(ours, on_event=deliver, timeout=START_TIMEOUT)

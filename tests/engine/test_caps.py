@@ -1,4 +1,4 @@
-"""Tests for engine capability probing and its on-disk cache.
+"""Tests for engine capability probing (``qmpvm.engine.probe``) and its on-disk cache.
 
 One real probe of ``qemu-system-x86_64`` is shared by the session (through
 a temporary cache directory).  Crash survival runs twice: against real QEMU
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,17 +23,17 @@ from pathlib import Path
 
 import pytest
 
-from qmpvm.engine import caps as caps_module
+from qmpvm.engine import probe as probe_module
 from qmpvm.engine.caps import (
     Capabilities,
+    DeviceType,
     ProbeError,
-    binary_identity,
     cache_path,
     default_cache_dir,
     load_or_probe,
-    probe,
 )
 from qmpvm.engine.link import EngineLink
+from qmpvm.engine.probe import binary_identity, probe
 
 QEMU = shutil.which("qemu-system-x86_64")
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed")
@@ -116,6 +116,39 @@ def test_capabilities_round_trip_through_json(real: tuple[Capabilities, float]) 
     assert Capabilities.from_json(doc) == caps
 
 
+def test_device_properties_are_decoded_when_looked_up(
+    real: tuple[Capabilities, float], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A corrupt entry does not fail the load; looked up, it reads as unknown."""
+    caps, _ = real
+    doc = json.loads(json.dumps(caps.to_json()))
+    assert "drive=str" in doc["devices"]["virtio-blk-pci"]["properties"].split(",")
+    doc["devices"]["virtio-blk-pci"]["properties"] = "drive=str,no equals sign"
+    doc["devices"]["isa-serial"]["properties"] = '{"chardev": "str"}'
+    loaded = Capabilities.from_json(doc)
+    assert loaded.devices["virtio-rng-pci"] == caps.devices["virtio-rng-pci"]
+    assert not caplog.records
+    assert loaded.devices["virtio-blk-pci"].properties is None  # the engine checks instead
+    assert loaded.devices["isa-serial"].properties is None
+    assert "properties of virtio-blk-pci are corrupt" in caplog.text
+    assert "properties of isa-serial are corrupt" in caplog.text
+    assert set(loaded.devices) == set(caps.devices)
+
+
+def test_any_property_name_survives_the_cache(real: tuple[Capabilities, float]) -> None:
+    caps, _ = real
+    odd = {"a,b": "x=y", "100%": "%2C", "%3D=%": ",", "memhp container[0]": "child<x>", "": ""}
+    devices = {
+        "odd": DeviceType(name="odd", bus=None, properties=odd),
+        "none": DeviceType(name="none", bus="pci", properties={}, hotpluggable=True),
+        "unknown": DeviceType(name="unknown", bus=None, properties=None),
+    }
+    edited = dataclasses.replace(caps, devices=devices)
+    loaded = Capabilities.from_json(json.loads(json.dumps(edited.to_json())))
+    assert dict(loaded.devices) == devices
+    assert loaded == edited
+
+
 async def test_second_load_comes_from_the_cache(
     real: tuple[Capabilities, float], session_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -125,7 +158,7 @@ async def test_second_load_comes_from_the_cache(
     async def no_probe(*_args: object, **_kwargs: object) -> Capabilities:
         raise AssertionError("probed although the cache is fresh")
 
-    monkeypatch.setattr(caps_module, "probe", no_probe)
+    monkeypatch.setattr(probe_module, "probe", no_probe)
     started = time.monotonic()
     again = await load_or_probe(QEMU, session_cache)
     elapsed = time.monotonic() - started
@@ -137,12 +170,33 @@ async def test_second_load_comes_from_the_cache(
     ]
 
 
+def test_warm_load_leaves_the_probing_code_out(
+    real: tuple[Capabilities, float], session_cache: Path
+) -> None:
+    """A warm start is on the path to the first command: it imports no more than it needs."""
+    caps, _ = real
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from qmpvm.engine.caps import load_or_probe\n"
+        f"caps = asyncio.run(load_or_probe({caps.binary!r}, Path({str(session_cache)!r})))\n"
+        "print(len(caps.devices), sorted(m for m in sys.modules if m.startswith('qmpvm')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split(" ", 1)[0] == str(len(caps.devices))
+    assert "qmpvm.engine.probe" not in done.stdout
+    assert "qmpvm.engine.link" not in done.stdout
+
+
 def counting_probe(
     monkeypatch: pytest.MonkeyPatch, result: Callable[[str], Capabilities] | None = None
 ) -> list[str]:
     """Replace ``probe``: by ``result`` when given, else by the real one; count calls."""
     calls: list[str] = []
-    real_probe = caps_module.probe
+    real_probe = probe_module.probe
 
     async def counted(binary: str = "qemu-system-x86_64", **kwargs: object) -> Capabilities:
         calls.append(binary)
@@ -150,7 +204,7 @@ def counting_probe(
             return result(binary)
         return await real_probe(binary)
 
-    monkeypatch.setattr(caps_module, "probe", counted)
+    monkeypatch.setattr(probe_module, "probe", counted)
     return calls
 
 
@@ -231,12 +285,12 @@ async def test_real_engine_killed_mid_probe_is_survived(monkeypatch: pytest.Monk
     """
     assert QEMU is not None
     victim = "isa-serial"
-    engines: list[caps_module._Engine] = []
-    original_start = caps_module._Engine.start.__func__  # type: ignore[attr-defined]
+    engines: list[probe_module._Engine] = []
+    original_start = probe_module._Engine.start.__func__  # type: ignore[attr-defined]
     original_execute = EngineLink.execute
 
-    async def start(cls: type[caps_module._Engine], path: str) -> caps_module._Engine:
-        engine: caps_module._Engine = await original_start(cls, path)
+    async def start(cls: type[probe_module._Engine], path: str) -> probe_module._Engine:
+        engine: probe_module._Engine = await original_start(cls, path)
         engines.append(engine)
         return engine
 
@@ -247,7 +301,7 @@ async def test_real_engine_killed_mid_probe_is_survived(monkeypatch: pytest.Monk
             engines[-1].proc.kill()
         return await original_execute(self, name, arguments, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(caps_module._Engine, "start", classmethod(start))
+    monkeypatch.setattr(probe_module._Engine, "start", classmethod(start))
     monkeypatch.setattr(EngineLink, "execute", execute)
     messages: list[str] = []
     caps = await probe(QEMU, progress=messages.append)
@@ -400,8 +454,8 @@ async def test_fake_engine_crashes_are_survived(tmp_path: Path) -> None:
 async def test_fake_engine_hang_is_turned_into_a_crash(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(caps_module, "_ROUND_TIMEOUT", 0.5)
-    monkeypatch.setattr(caps_module, "_ALONE_TIMEOUT", 0.5)
+    monkeypatch.setattr(probe_module, "_ROUND_TIMEOUT", 0.5)
+    monkeypatch.setattr(probe_module, "_ALONE_TIMEOUT", 0.5)
     binary = fake_engine(tmp_path, devices=DEVICES, hang={"dev20"})
     caps = await probe(binary)
     assert [n for n, d in caps.devices.items() if d.properties is None] == ["dev20"]
@@ -457,34 +511,3 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/is/ignored")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "qmpvm"
-
-
-def test_die_with_parent_kills_the_child_with_its_parent() -> None:
-    parent = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import subprocess, time\n"
-            "from qmpvm.engine.caps import die_with_parent\n"
-            "child = subprocess.Popen(['sleep', '60'], preexec_fn=die_with_parent)\n"
-            "print(child.pid, flush=True)\n"
-            "time.sleep(60)\n",
-        ],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-    )
-    assert parent.stdout is not None
-    with parent.stdout:
-        child = int(parent.stdout.readline())
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            state = Path(f"/proc/{child}/stat").read_text().rsplit(") ", 1)[1][0]
-        except FileNotFoundError:
-            break  # gone
-        if state == "Z":
-            break  # dead, waiting for whoever adopted it to reap it
-        assert time.monotonic() < deadline, "the child outlived its parent"
-        time.sleep(0.01)

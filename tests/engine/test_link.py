@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from qmpvm.engine.caps import die_with_parent
+from qmpvm.engine import process
 from qmpvm.engine.link import EngineLink
 from qmpvm.errors import EngineCommandError, EngineError, ErrorClass
 from qmpvm.monitor.protocol import JsonSplitter, ParseFailure, decode_value
@@ -325,14 +325,15 @@ class Qemu:
 async def real_qemu() -> AsyncIterator[Qemu]:
     assert QEMU is not None
     ours, theirs = socket.socketpair()
-    proc = await asyncio.create_subprocess_exec(
-        QEMU, "-machine", "none", "-S", "-nodefaults", "-no-user-config", "-display", "none",
-        "-accel", "tcg",
-        "-chardev", f"socket,id=qmpvm-link,fd={theirs.fileno()}",
-        "-mon", "chardev=qmpvm-link,mode=control",
-        pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+    proc = await process.start(
+        [
+            QEMU, "-machine", "none", "-S", "-nodefaults", "-no-user-config", "-display", "none",
+            "-accel", "tcg",
+            "-chardev", f"socket,id=qmpvm-link,fd={theirs.fileno()}",
+            "-mon", "chardev=qmpvm-link,mode=control",
+        ],
+        pass_fds=(theirs.fileno(),),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        preexec_fn=die_with_parent,
     )  # fmt: skip
     theirs.close()
     events: list[dict[str, object]] = []
