@@ -63,7 +63,6 @@ EventSink = Callable[[dict[str, object]], None]
 class EngineSettings:
     binary: str = "qemu-system-x86_64"
     cache_dir: Path | None = None
-    hotplug_ports: int = 4
 
 
 class Vmm:

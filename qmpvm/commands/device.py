@@ -44,7 +44,8 @@ def hotplug_bus(vmm: Vmm, args: device.DeviceAdd) -> str | None:
         if port not in machine.port_users:
             return port
     raise ConfigError(
-        f"No free hot-plug port: all {len(machine.hotplug_ports)} root ports are in use"
+        f"No free hot-plug port: all {len(machine.hotplug_ports)} root ports are in use "
+        "(machine-set 'hotplug-ports' sets how many the next machine-init provides)"
     )
 
 

@@ -55,7 +55,6 @@ def build_launch(
     link_fd: int,
     named_fds: Mapping[str, int],
     fdsets: Mapping[int, list[int]],
-    hotplug_ports: int,
 ) -> LaunchPlan:
     """The engine's argv and the descriptors it inherits."""
     machine = config.machine
@@ -80,7 +79,7 @@ def build_launch(
             pass_fds.append(fd)
     ports: list[str] = []
     if machine_family(machine.type) == "q35":
-        for index in range(hotplug_ports):
+        for index in range(machine.hotplug_ports):
             port = f"{HOTPLUG_PORT_PREFIX}{index}"
             ports.append(port)
             device = {"driver": "pcie-root-port", "id": port, "bus": "pcie.0", "chassis": index + 1}

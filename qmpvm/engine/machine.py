@@ -86,15 +86,19 @@ class EngineMachine:
             from qmpvm.engine.host import default_accel  # looks at the host: only when needed
 
             accel = default_accel()
-        plan = build_launch(
-            config,
-            binary=caps.binary if caps else settings.binary,
-            accel=accel,
-            link_fd=theirs.fileno(),
-            named_fds={name: entry.fd for name, entry in fds.named.items()},
-            fdsets={i: [e.fd for e in entries] for i, entries in fds.fdsets.items()},
-            hotplug_ports=settings.hotplug_ports,
-        )
+        try:
+            plan = build_launch(
+                config,
+                binary=caps.binary if caps else settings.binary,
+                accel=accel,
+                link_fd=theirs.fileno(),
+                named_fds={name: entry.fd for name, entry in fds.named.items()},
+                fdsets={i: [e.fd for e in entries] for i, entries in fds.fdsets.items()},
+            )
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
         log.info("launching engine: %s", " ".join(plan.argv))
         try:
             process = await engine_process.start(

@@ -100,7 +100,13 @@ def test_export_diff_lists_only_what_differs_from_defaults() -> None:
         "set_link",
     ]
     full = sample().export(diff=False)
-    assert full[0]["arguments"] == {"type": "q35", "accel": "tcg", "memory": 256 << 20, "cpus": 1}
+    assert full[0]["arguments"] == {
+        "type": "q35",
+        "accel": "tcg",
+        "memory": 256 << 20,
+        "cpus": 1,
+        "hotplug-ports": 4,
+    }
     assert Config().export() == []
 
 

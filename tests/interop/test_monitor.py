@@ -213,6 +213,7 @@ async def test_queries_answer_before_any_machine(qmpvm: QmpvmProcess) -> None:
         "name",
         "memory",
         "cpus",
+        "hotplug-ports",
     }
     await client.execute(
         "blockdev-add", {"driver": "file", "node-name": "f0", "filename": "/tmp/img"}
