@@ -10,7 +10,6 @@ the configuration back as it was, and exits 1.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import signal
@@ -180,19 +179,30 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
     await server.close()
     vmm.fds.close_all()
     store.close()
-    return 0
+    return _exit_status(vmm, has_listeners=bool(options.listeners))
+
+
+def _exit_status(vmm: Vmm, *, has_listeners: bool) -> int:
+    """Without a monitor, qmpvm is the machine, as QEMU is: 1 when it failed."""
+    ended = vmm.last_exit
+    if has_listeners or ended is None or ended.get("status") == "shutdown":
+        return 0
+    print(f"qmpvm: the engine exited: {ended.get('reason')}", file=sys.stderr)
+    return 1
 
 
 async def _wait_for_end(vmm: Vmm, *, has_listeners: bool) -> None:
     """Until quit or a signal; without a monitor, also until the engine exits."""
-    if has_listeners:
-        await vmm.quit_requested.wait()
-        return
-    while not vmm.quit_requested.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(vmm.quit_requested.wait(), 0.2)
-        if vmm.machine is None:
+    if not has_listeners:
+
+        def end_with_engine(message: dict[str, object]) -> None:
+            if message.get("event") == "ENGINE_EXIT":
+                vmm.quit_requested.set()
+
+        vmm.add_sink(end_with_engine)
+        if vmm.machine is None:  # it exited before the sink was there
             return
+    await vmm.quit_requested.wait()
 
 
 def run(options: Options, early: EarlyMonitor | None = None) -> int:

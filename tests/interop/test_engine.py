@@ -6,6 +6,8 @@ import asyncio
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -290,3 +292,36 @@ async def test_microvm_refuses_hotplug(tmp_path: Path, guest: GuestImage) -> Non
     assert all(d.get("id") != "vdb" for d in (await client.execute("query-machine"))["devices"])
     await quit_and_disconnect(client)
     proc.process.wait(15)
+
+
+def test_without_a_monitor_qmpvm_lives_as_long_as_its_engine(
+    tmp_path: Path, guest: GuestImage
+) -> None:
+    serial = tmp_path / "serial.txt"
+    argv = ["-M", "q35,accel=tcg", "-m", "256", "-kernel", str(guest.kernel)]
+    argv += ["-initrd", str(guest.initrd), "-append", guest_cmdline("q35")]
+    argv += ["-chardev", f"file,id=s0,path={serial}", "-serial", "chardev:s0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qmpvm", *argv], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + BOOT_TIMEOUT
+        while not (serial.exists() and READY_MARKER in serial.read_text(errors="replace")):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the guest did not boot"
+            time.sleep(0.05)
+        (engine,) = [p for p in pids_of("qemu-system-x86_64") if _ppid(p) == proc.pid]
+        os.kill(engine, signal.SIGKILL)
+        _out, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, "a machine that died is a failure, as it would be for QEMU"
+    assert "qmpvm: the engine exited:" in err.decode() and "SIGKILL" in err.decode()
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
