@@ -21,7 +21,8 @@ socket (the same transport and the same reader for both).
     client: machine-set, boot-set, chardev-add (socket), device_add
     isa-serial, blockdev-add, device_add virtio-blk-pci, machine-init, cont.
     qmpvm's engine command line also carries 4 ``pcie-root-port`` devices
-    (qmpvm adds them on q35 so that PCI devices can be hot-plugged later).
+    (qmpvm adds them on q35 so that PCI devices can be hot-plugged later;
+    ``machine-set`` ``hotplug-ports`` sets how many).
 
 The two alternate (ABBA order), ``--runs`` (5) times each after one
 unmeasured warm-up of each, and every process is ended after its run (qmpvm
@@ -32,9 +33,10 @@ one more qmpvm boot with ``QMPVM_CACHE_DIR`` set to an empty directory (cold
 capability cache: qmpvm probes the QEMU binary, and the commands that
 validate against the capabilities wait for the probe).
 
-qmpvm runs with the sandbox's environment as is; it sets
-PYTHONDONTWRITEBYTECODE=1, so qmpvm's modules are compiled at every start
-(``--pyc`` gives it a .pyc cache instead, as an installed package has).
+qmpvm runs with the environment as is.  Its modules load from the bytecode
+``scripts/setup.sh`` compiles (this sandbox sets PYTHONDONTWRITEBYTECODE=1,
+so a module edited since is compiled at every start; ``--pyc`` gives qmpvm
+a private .pyc cache instead).
 
 Command::
 
