@@ -182,7 +182,15 @@ class Session:
         self._wake()
 
     def _recv_unix(self) -> tuple[bytes, list[int]]:
-        data, ancdata, _flags, _addr = self.sock.recvmsg(READ_SIZE, _FD_ANCILLARY)
+        # CLOEXEC: a passed descriptor reaches an engine only when handed over.
+        data, ancdata, flags, _addr = self.sock.recvmsg(
+            READ_SIZE, _FD_ANCILLARY, socket.MSG_CMSG_CLOEXEC
+        )
+        if flags & socket.MSG_CTRUNC:
+            self.log.warning(
+                "more than %d descriptors in one message: the rest were closed",
+                MAX_FDS_PER_MESSAGE,
+            )
         fds: list[int] = []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

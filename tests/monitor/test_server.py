@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import socket
@@ -32,6 +33,11 @@ class Backend:
             return request.reply("x" * BIG)
         if request.name == "not-json":
             return request.reply(object())
+        if request.name == "with-fd":
+            cloexec = all(
+                fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC for fd in client.pending_fds
+            )
+            return request.reply({"fds": len(client.pending_fds), "cloexec": cloexec})
         return request.reply({"command": request.name, "fds": len(client.pending_fds)})
 
     def client_gone(self, client: Client) -> None:
@@ -125,7 +131,7 @@ async def test_descriptors_reach_the_client_with_their_message(
     with open("/dev/null") as passed:
         socket.send_fds(peer.sock, [b'{"execute": "with-fd"}'], [passed.fileno()])
     reply = await peer.line()
-    assert reply["return"] == {"command": "with-fd", "fds": 1}
+    assert reply["return"] == {"fds": 1, "cloexec": True}, "no engine inherits it by accident"
 
 
 async def test_reply_that_cannot_be_encoded_is_a_generic_error(
