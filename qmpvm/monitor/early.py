@@ -184,6 +184,8 @@ class EarlyMonitor:
             for sock, bound in self.listeners:
                 unbind(sock, bound)
             raise
+        for sock, _listener in self.listeners:
+            sock.setblocking(False)  # a client gone before accept must not block the greeter
         self.greeted: list[tuple[int, str]] = []
         self._greeting = greeting_line()
         self._wake_read, self._wake_write = os.pipe()
@@ -199,8 +201,11 @@ class EarlyMonitor:
             by_fd = {sock.fileno(): sock for sock, _ in self.listeners}
             for fd in (*by_fd, self._wake_read):
                 poller.register(fd, select.POLLIN)
-            while not any(fd == self._wake_read for fd, _ in poller.poll()):
-                for fd, _events in poller.poll(0):
+            while True:
+                ready = [fd for fd, _events in poller.poll()]
+                if self._wake_read in ready:
+                    return
+                for fd in ready:
                     self._greet(by_fd[fd])
         finally:
             self._running.release()
@@ -209,7 +214,7 @@ class EarlyMonitor:
         try:
             fd, addr = listener._accept()  # type: ignore[attr-defined]  # no stub
         except OSError:
-            return  # another poll result got it, or the client left already
+            return  # the client left already
         try:
             data = self._greeting
             while data:
