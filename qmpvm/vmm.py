@@ -15,14 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qmpvm.config import block, netdev
 from qmpvm.config.model import Config
-from qmpvm.config.netdev import FD_MEMBERS
-from qmpvm.config.resource import Kind, Resource
+from qmpvm.config.resource import Kind
 from qmpvm.errors import EngineError
 from qmpvm.fds import FdRegistry
 from qmpvm.monitor.client import Client
@@ -127,14 +127,14 @@ class Vmm:
         self.fds.collect_unused(names, sets)
 
     def fds_in_use(self) -> tuple[set[str], set[int]]:
+        """The getfd names and the fdsets the configuration refers to."""
         names: set[str] = set()
         sets: set[int] = set()
         for resource in self.config.resources:
-            for name in _fd_references(resource):
-                if name.startswith("/dev/fdset/"):
-                    sets.add(int(name.removeprefix("/dev/fdset/")))
-                else:
-                    names.add(name)
+            if resource.kind is Kind.NETDEV:
+                names.update(netdev.fd_names(resource.args))
+            elif resource.kind is Kind.BLOCK:
+                sets |= block.fdset_ids(resource.args)
         return names, sets
 
     # -- capabilities ----------------------------------------------------
@@ -204,28 +204,3 @@ class Vmm:
     async def run_locked(self, action: Callable[[], Awaitable[object]]) -> object:
         async with self.change_lock:
             return await action()
-
-
-def _fd_references(resource: Resource) -> Iterator[str]:
-    args = resource.args
-    if resource.kind is Kind.NETDEV:
-        for member in FD_MEMBERS:
-            value = args.get(member)
-            if isinstance(value, str) and not value.isdigit():
-                yield value
-        for member in ("fds", "vhostfds"):
-            value = args.get(member)
-            if isinstance(value, str):
-                yield from (v for v in value.split(":") if not v.isdigit())
-    elif resource.kind is Kind.BLOCK:
-        yield from _fdset_names(args)
-
-
-def _fdset_names(args: Mapping[str, object]) -> Iterator[str]:
-    filename = args.get("filename")
-    if isinstance(filename, str) and filename.startswith("/dev/fdset/"):
-        yield filename
-    for member in ("file", "backing"):
-        child = args.get(member)
-        if isinstance(child, dict):
-            yield from _fdset_names(child)

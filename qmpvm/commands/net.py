@@ -15,7 +15,7 @@ from qmpvm.vmm import Vmm
 async def netdev_add(call: Call) -> object:
     args: netdev.NetdevBase = call.args
     vmm = call.vmm
-    names = netdev.fd_names(args)
+    names = netdev.fd_names(to_json(args))
     for name in names:
         if name not in vmm.fds.named:
             raise ConfigError(f"File descriptor named '{name}' has not been found")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qmpvm.config.resource import Kind, Resource
@@ -55,19 +56,19 @@ class NetdevTap(NetdevBase):
 
 Netdev = Union("Netdev", "type", {"user": NetdevUser, "tap": NetdevTap})
 
-FD_MEMBERS = ("fd", "vhostfd")
-"""Members naming a descriptor passed with getfd (several, colon-separated,
-in ``fds``/``vhostfds``)."""
+FD_MEMBERS = ("fd", "vhostfd", "fds", "vhostfds")
+"""Members naming descriptors passed with getfd (``fds``/``vhostfds``: several,
+colon-separated)."""
 
 
-def fd_names(netdev: NetdevBase) -> list[str]:
-    if not isinstance(netdev, NetdevTap):
-        return []
-    names = [n for n in (netdev.fd, netdev.vhostfd) if n is not None]
-    for many in (netdev.fds, netdev.vhostfds):
-        if many:
-            names.extend(many.split(":"))
-    return [n for n in names if not n.isdigit()]
+def fd_names(args: Mapping[str, object]) -> list[str]:
+    """The getfd names a netdev document uses; a bare number names nothing."""
+    names: list[str] = []
+    for member in FD_MEMBERS:
+        value = args.get(member)
+        if isinstance(value, str):
+            names.extend(name for name in value.split(":") if not name.isdigit())
+    return names
 
 
 def make(args: NetdevBase, seq: int) -> Resource:

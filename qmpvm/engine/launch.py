@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-from qmpvm.config import chardev
+from qmpvm.config import chardev, netdev
 from qmpvm.config.machine import MiB
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind, Resource
@@ -116,7 +116,7 @@ def resolve_fd_names(
     """Netdev arguments with getfd names replaced by inherited fd numbers."""
     out = dict(args)
     used: list[int] = []
-    for member in ("fd", "vhostfd", "fds", "vhostfds"):
+    for member in netdev.FD_MEMBERS:
         value = out.get(member)
         if not isinstance(value, str):
             continue

@@ -8,6 +8,7 @@ from qmpvm.config.block import fdset_ids
 from qmpvm.config.boot import BootSet
 from qmpvm.config.machine import Accel, MachineConfig, MachineSet
 from qmpvm.config.model import Config, make_from_args
+from qmpvm.config.netdev import fd_names
 from qmpvm.config.resource import Kind
 from qmpvm.errors import ArgumentError, ConfigError, NotFoundError
 from qmpvm.schema import check
@@ -140,3 +141,9 @@ def test_fdset_ids_found_in_inline_children() -> None:
     assert fdset_ids(node) == {3, 10}
     assert fdset_ids({"driver": "file", "filename": "/dev/fdset/x"}) == set()
     assert fdset_ids({"driver": "file", "filename": "/srv/disk.img"}) == set()
+
+
+def test_fd_names_of_a_netdev_document() -> None:
+    tap = {"type": "tap", "id": "n0", "fd": "tap0", "vhostfds": "v1:v2", "fds": "3:q0"}
+    assert fd_names(tap) == ["tap0", "q0", "v1", "v2"]
+    assert fd_names({"type": "user", "id": "n1"}) == []
