@@ -92,26 +92,11 @@ _SCHEMA_ENUMS: dict[str, tuple[str, tuple[str, ...]]] = {
 # -- identity --------------------------------------------------------
 
 
-def binary_identity(binary: str) -> dict[str, object]:
-    """Who the binary is: where, which build (size, mtime), and what it says it is."""
-    path = resolve_binary(binary)
-    identity = stat_identity(path)
-    try:
-        done = subprocess.run(
-            [path, "--version"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=_VERSION_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise ProbeError(f"cannot run {path} --version: {err}") from err
-    identity["version"] = _version_line(path, done.returncode, done.stdout, done.stderr)
-    return identity
+async def binary_identity(binary: str) -> dict[str, object]:
+    """Who the binary is: where, which build (size, mtime), and what it says it is.
 
-
-async def _binary_identity_async(binary: str) -> dict[str, object]:
-    """``binary_identity`` whose child is killed if the caller is cancelled."""
+    ``--version`` runs as a child that is killed if the caller is cancelled.
+    """
     path = resolve_binary(binary)
     identity = stat_identity(path)
     try:
@@ -381,7 +366,7 @@ async def probe(
     binary: str = "qemu-system-x86_64", *, progress: Progress | None = None
 ) -> Capabilities:
     """Ask a fresh engine everything ``Capabilities`` holds (no cache involved)."""
-    identity = await _binary_identity_async(binary)
+    identity = await binary_identity(binary)
     path = str(identity["path"])
     prober = _Prober(path, progress)
     started = time.monotonic()

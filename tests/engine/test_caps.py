@@ -490,9 +490,9 @@ async def test_unusable_binaries_raise_probe_error(tmp_path: Path) -> None:
     assert children() == []
 
 
-def test_binary_identity_names_the_build(tmp_path: Path) -> None:
+async def test_binary_identity_names_the_build(tmp_path: Path) -> None:
     binary = fake_engine(tmp_path, devices=[])
-    identity = binary_identity(binary)
+    identity = await binary_identity(binary)
     stat = os.stat(binary)
     assert identity == {
         "path": binary,
