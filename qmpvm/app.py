@@ -3,8 +3,10 @@
 Start-up order is the design's: the monitor listens (and greets) first,
 while the command modules load in a thread; then the config file and the
 command-line options are replayed through the dispatcher like any client's
-commands.  If one is refused, qmpvm says which on stderr, puts
-the configuration back as it was, and exits 1.
+commands, and clients' own commands wait until they are done (QEMU, too,
+reads no monitor input before its command-line machine exists).  If one is
+refused, qmpvm says which on stderr, puts the configuration back as it was,
+and exits 1.
 """
 
 from __future__ import annotations
@@ -84,8 +86,12 @@ class ControlPlane:
             quit_requested=quit_requested,
         )
         self.vmm, self.dispatcher = vmm, Dispatcher(REGISTRY, vmm)
-        self._ready.set()
         return vmm
+
+    def open(self) -> None:
+        """Let clients' commands in: after the start-up commands, as QEMU reads no
+        monitor input before its command-line machine exists."""
+        self._ready.set()
 
     async def dispatch(self, request: Request, client: Client) -> dict[str, object]:
         await self._ready.wait()
@@ -115,7 +121,9 @@ async def replay(plane: ControlPlane, commands: list[dict[str, object]], origin:
                 name=str(command["execute"]),
                 arguments=arguments if isinstance(arguments, dict) else {},
             )
-            reply = await plane.dispatch(request, client)
+            if plane.dispatcher is None:
+                raise RuntimeError("control plane not loaded")
+            reply = await plane.dispatcher.dispatch(request, client)
             error = reply.get("error")
             if isinstance(error, dict):
                 raise StartupError(f"{origin}: {request.name} refused: {error['desc']}")
@@ -158,9 +166,12 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
     vmm.add_sink(server.broadcast)
     vmm.start_probe()
     before = vmm.config
+    if options.pidfile:
+        _write_pidfile(options.pidfile)
     try:
         if options.config_file:
             await replay(plane, read_config_file(options.config_file), "--config")
+        adopt_inherited_fds(vmm, options)
         await replay(plane, options.machine_commands(), "command line")
     except StartupError as err:
         print(f"qmpvm: {err}", file=sys.stderr)
@@ -173,6 +184,9 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
         print("qmpvm: nothing to do: no -qmp listener and no machine", file=sys.stderr)
         store.close()
         return 1
+    plane.open()
+    if options.ready_fd is not None:
+        _report_ready(options.ready_fd)
     await _wait_for_end(vmm, has_listeners=bool(options.listeners))
     log.info("shutting down")
     await vmm.stop_engine()
@@ -180,6 +194,41 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
     vmm.fds.close_all()
     store.close()
     return _exit_status(vmm, has_listeners=bool(options.listeners))
+
+
+def adopt_inherited_fds(vmm: Vmm, options: Options) -> None:
+    """``-add-fd``: descriptors qmpvm was started with join their fdsets, owned by
+    the command line's replay: what its commands leave unused is then closed."""
+    import os
+
+    for inherited in options.inherited_fds:
+        try:
+            os.fstat(inherited.fd)
+        except OSError as err:
+            raise StartupError(f"-add-fd fd={inherited.fd}: {err.strerror}") from err
+        os.set_inheritable(inherited.fd, False)
+        vmm.fds.add_fd(inherited.fd, REPLAY_CLIENT, inherited.set, inherited.opaque)
+
+
+def _write_pidfile(path: str) -> None:
+    import os
+
+    try:
+        Path(path).write_text(f"{os.getpid()}\n")
+    except OSError as err:
+        log.warning("-pidfile %s: %s", path, err.strerror)
+
+
+def _report_ready(fd: int) -> None:
+    """-daemonize: the parent waiting on ``fd`` may exit now; stdio goes to /dev/null."""
+    import os
+
+    os.write(fd, b"ready\n")
+    os.close(fd)
+    null = os.open(os.devnull, os.O_RDWR)
+    for target in (0, 1, 2):
+        os.dup2(null, target)
+    os.close(null)
 
 
 def _exit_status(vmm: Vmm, *, has_listeners: bool) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Iterator, Mapping
 
 from qmpvm.errors import ArgumentError
 
@@ -35,7 +36,9 @@ def split(text: str) -> list[str]:
     return items
 
 
-def parse(text: str, implied_key: str | None = None) -> dict[str, object]:
+def parse(text: str, implied_key: str | None = None, *, repeats: bool = False) -> dict[str, object]:
+    """The nested dict of ``text``; with ``repeats``, a key given again makes a list
+    (``cpus=0-3,cpus=8-11``, as QEMU's -numa takes it), else the last one wins."""
     tree: dict[str, object] = {}
     for index, item in enumerate(split(text)):
         if not item:
@@ -53,8 +56,41 @@ def parse(text: str, implied_key: str | None = None) -> dict[str, object]:
             if not isinstance(child, dict):
                 raise ArgumentError(f"Parameter '{key}' conflicts with '{parent}'")
             node = child
-        node[leaf] = value
+        old = node.get(leaf)
+        if repeats and old is not None:
+            node[leaf] = [*old, value] if isinstance(old, list) else [old, value]
+        else:
+            node[leaf] = value
     return tree
+
+
+def encode(tree: Mapping[str, object], implied_key: str | None = None) -> str:
+    """``parse``'s inverse: ``on``/``off`` for bools, dotted keys for nested
+    objects, a list as its key repeated, commas doubled."""
+    items: list[str] = []
+    if implied_key is not None and implied_key in tree:
+        items.append(_text(tree[implied_key]))
+    for key, value in _flatten(tree, ""):
+        if key != implied_key:
+            items.append(f"{key}={_text(value)}")
+    return ",".join(items)
+
+
+def _flatten(tree: Mapping[str, object], prefix: str) -> Iterator[tuple[str, object]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            for item in value:
+                yield prefix + key, item
+        else:
+            yield prefix + key, value
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value).replace(",", ",,")
 
 
 def coerce(spec: object, value: object) -> object:

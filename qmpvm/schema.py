@@ -23,7 +23,7 @@ from typing import Union as TypingUnion
 
 from qmpvm.errors import ArgumentError
 
-EXTRA_FIELD = "properties"
+EXTRA_FIELD = "extra_members"
 """A field of this name (Mapping[str, object]) collects members the class
 does not declare, for commands QEMU marks 'gen': false (device_add)."""
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qmpvm.config import block, netdev
+from qmpvm.config.descriptors import fd_names, fdset_ids
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind
 from qmpvm.errors import EngineError
@@ -32,29 +32,9 @@ from qmpvm.store import Store
 if TYPE_CHECKING:
     from qmpvm.engine.caps import Capabilities
     from qmpvm.engine.machine import EngineMachine
+    from qmpvm.qapi.check import Schema
 
 log = logging.getLogger(__name__)
-
-FORWARDED = frozenset(
-    {
-        "system_wakeup",
-        "inject-nmi",
-        "screendump",
-        "send-key",
-        "memsave",
-        "pmemsave",
-        "migrate",
-        "migrate_cancel",
-        "migrate-set-parameters",
-        "migrate-set-capabilities",
-        "migrate-incoming",
-        "x-query-registers",
-    }
-)
-"""Engine commands relayed as they are once a machine exists, besides every
-``query-*`` and the ones ``commands.runstate`` declares: they change no
-configuration the store keeps."""
-
 
 EventSink = Callable[[dict[str, object]], None]
 
@@ -85,6 +65,7 @@ class Vmm:
         self.quit_requested = quit_requested or asyncio.Event()
         self._sinks: list[EventSink] = []
         self._caps_task: asyncio.Task[Capabilities | None] | None = None
+        self._schema: Schema | None = None
 
     # -- clients and events ----------------------------------------------
 
@@ -132,9 +113,8 @@ class Vmm:
         sets: set[int] = set()
         for resource in self.config.resources:
             if resource.kind is Kind.NETDEV:
-                names.update(netdev.fd_names(resource.args))
-            elif resource.kind is Kind.BLOCK:
-                sets |= block.fdset_ids(resource.args)
+                names.update(fd_names(resource.args))
+            sets |= fdset_ids(resource.args)
         return names, sets
 
     # -- capabilities ----------------------------------------------------
@@ -150,8 +130,19 @@ class Vmm:
         assert self._caps_task is not None
         return await asyncio.shield(self._caps_task)
 
+    async def engine_schema(self) -> Schema | None:
+        """The engine's QAPI schema, for checking its commands; None without an engine."""
+        if self._schema is None:
+            caps = await self.capabilities()
+            if caps is None:
+                return None
+            from qmpvm.qapi.check import Schema
+
+            self._schema = Schema(caps.schema_entries())
+        return self._schema
+
     async def _load_caps(self) -> Capabilities | None:
-        from qmpvm.engine.caps import ProbeError, load_or_probe
+        from qmpvm.engine.caps_loader import ProbeError, load_or_probe
 
         try:
             return await load_or_probe(self.settings.binary, self.settings.cache_dir)
@@ -160,9 +151,6 @@ class Vmm:
             return None
 
     # -- the engine ------------------------------------------------------
-
-    def can_forward(self, name: str) -> bool:
-        return self.machine is not None and (name.startswith("query-") or name in FORWARDED)
 
     async def forward(self, name: str, arguments: Mapping[str, object]) -> object:
         return await self.engine().execute(name, arguments)
@@ -200,7 +188,3 @@ class Vmm:
         machine = self.machine
         if machine is not None:
             await machine.stop()
-
-    async def run_locked(self, action: Callable[[], Awaitable[object]]) -> object:
-        async with self.change_lock:
-            return await action()

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 
 from qmpvm.config.model import Config
 from qmpvm.monitor.dispatch import Registry
 from qmpvm.vmm import Vmm
 
 REGISTRY = Registry()
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Passthrough:
-    """Arguments relayed to the engine, which checks them itself."""
-
-    properties: Mapping[str, object] = field(default_factory=dict)
 
 
 EngineStep = Callable[[], Awaitable[object]]

@@ -4,50 +4,108 @@ engine can build (answered from the capability cache, machine or not)."""
 from __future__ import annotations
 
 import os
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from qmpvm.commands.common import REGISTRY, change
 from qmpvm.config.boot import BootSet
-from qmpvm.config.machine import Accel, MachineSet
+from qmpvm.config.machine import SETTINGS, MachineSet
 from qmpvm.errors import ConfigError, QmpvmError
-from qmpvm.monitor.dispatch import BEFORE_INIT, Call
+from qmpvm.monitor.dispatch import BEFORE_INIT, ENGINE_ARGS, Call
 from qmpvm.schema import to_json
 from qmpvm.vmm import Vmm
 
+if typing.TYPE_CHECKING:
+    from qmpvm.engine.caps import Capabilities
 
-def refuse_boot_only(vmm: Vmm, command: str, given: dict[str, object]) -> None:
+
+def refuse_boot_only(vmm: Vmm, command: str, given: Mapping[str, object]) -> None:
     """Boot-only settings cannot change under a running machine."""
-    if vmm.machine is not None and given:
-        setting = next(iter(given))
+    boot_only = [name for name in given if not (name in SETTINGS and SETTINGS[name].hot)]
+    if vmm.machine is not None and boot_only:
         raise ConfigError(
-            f"'{setting}' is a boot-only setting and the machine exists; "
+            f"'{boot_only[0]}' is a boot-only setting and the machine exists; "
             f"{command} is only allowed before machine-init"
         )
 
 
 @REGISTRY.command("machine-set", args=MachineSet)
 async def machine_set(call: Call) -> object:
-    args: MachineSet = call.args
-    refuse_boot_only(call.vmm, "machine-set", to_json(args))
-    caps = await call.vmm.capabilities() if args.type or args.accel else None
-    if caps is not None and args.type is not None and args.type not in caps.machines:
+    given = to_json(call.args)
+    vmm = call.vmm
+    refuse_boot_only(vmm, "machine-set", given)
+    caps = await vmm.capabilities()
+    if caps is not None:
+        check_with_engine(given, caps, str(given.get("type", vmm.config.machine.type)))
+    elif given.get("accel") == "kvm":
+        check_accel("kvm", None)
+    action = given.get("action")
+
+    async def on_engine() -> object:
+        return await vmm.engine().execute("set-action", typing.cast(dict[str, object], action))
+
+    return await change(
+        vmm, lambda c: c.set_machine(given), on_engine=on_engine if action else None
+    )
+
+
+@REGISTRY.command("set-action", args=ENGINE_ARGS)
+async def set_action(call: Call) -> object:
+    """QEMU's set-action, kept in the ``action`` setting for the next engine too."""
+    vmm = call.vmm
+    merged = {**_mapping(vmm.config.machine.get("action")), **call.args}
+    return await change(
+        vmm,
+        lambda c: c.set_machine({"action": merged}),
+        on_engine=lambda: vmm.engine().execute("set-action", call.args),
+    )
+
+
+def check_with_engine(given: Mapping[str, object], caps: Capabilities, machine_type: str) -> None:
+    """What the engine can tell about a setting before it starts, in its words."""
+    if "type" in given and machine_type not in caps.machines:
         raise ConfigError(
-            f"Machine type '{args.type}' is not supported by the engine (see query-machines)"
+            f"Machine type '{machine_type}' is not supported by the engine (see query-machines)"
         )
-    if args.accel is not None:
-        check_accel(args.accel, caps.accelerators if caps is not None else None)
-    return await change(call.vmm, lambda c: c.set_machine(args))
+    accel = given.get("accel")
+    if isinstance(accel, str):
+        for choice in accel.split(":"):
+            check_accel(choice, caps.accelerators, alone=":" not in accel)
+    properties = _mapping(given.get("properties"))
+    real_name = str(caps.machines.get(machine_type, {}).get("name", machine_type))
+    known = caps.machine_properties.get(real_name) if properties else None
+    for name in properties:
+        if known is not None and name not in known:
+            raise ConfigError(f"Property '{real_name}-machine.{name}' not found")
+    model = _mapping(given.get("cpu")).get("model")
+    known_models = (*caps.cpu_models, "host", "max", "base")
+    if isinstance(model, str) and caps.cpu_models and model not in known_models:
+        raise ConfigError(f"unable to find CPU model '{model}'")
+    for name, value in given.items():
+        group = SETTINGS[name].group
+        params = caps.command_line_options.get(group) if group else None
+        if not params:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            for key in _mapping(item):
+                if key not in params:
+                    raise ConfigError(f"Invalid parameter '{key}' for '{name}'")
 
 
-def check_accel(accel: Accel, built_in: tuple[str, ...] | None) -> None:
+def check_accel(accel: str, built_in: Sequence[str] | None, *, alone: bool = True) -> None:
     if built_in is not None and accel not in built_in:
         raise ConfigError(f"Accelerator '{accel}' is not built into the engine")
-    if accel is Accel.KVM:
+    if accel == "kvm" and alone:
         from qmpvm.engine.host import kvm_state  # only KVM needs a look at the host
 
         state = kvm_state()
         if not state.present:
             raise ConfigError(f"Accelerator 'kvm' is not available on this host: {state.reason}")
+
+
+def _mapping(value: object) -> dict[str, object]:
+    return dict(value) if isinstance(value, dict) else {}
 
 
 @REGISTRY.command("boot-set", args=BootSet)

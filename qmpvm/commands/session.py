@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from qmpvm import QEMU_VERSION, __version__
 from qmpvm.commands.common import REGISTRY
 from qmpvm.errors import CommandNotFoundError
-from qmpvm.monitor.dispatch import Call
+from qmpvm.monitor.dispatch import UNRECORDED, Call
+
+if TYPE_CHECKING:
+    from qmpvm.monitor.protocol import Encoded
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,12 +40,43 @@ async def query_version(call: Call) -> object:
 
 @REGISTRY.command("query-commands", returns=object)
 async def query_commands(call: Call) -> object:
-    return [{"name": name} for name in sorted(REGISTRY.commands)]
+    """qmpvm's commands and every engine command it relays."""
+    names = set(REGISTRY.commands)
+    caps = await call.vmm.capabilities()
+    if caps is not None:
+        names |= caps.commands - UNRECORDED
+    return [{"name": name} for name in sorted(names)]
+
+
+_merged_schema: Encoded | None = None
 
 
 @REGISTRY.command("query-qmp-schema", returns=object)
 async def query_qmp_schema(call: Call) -> object:
-    return REGISTRY.schema()
+    """The engine's schema with qmpvm's own commands merged in, type names masked
+    as QEMU masks them: a client reading capabilities from it sees the engine."""
+    global _merged_schema
+    if _merged_schema is None:
+        caps = await call.vmm.capabilities()
+        if caps is None:
+            return REGISTRY.schema()
+        from qmpvm.monitor.protocol import Encoded
+        from qmpvm.qapi.check import merge
+
+        engine = [_plain(e) for e in caps.schema_entries() if e.get("name") not in UNRECORDED]
+        # where the engine has the command, its declaration (precise return types) stands
+        own = [e for e in REGISTRY.schema() if e.get("name") not in caps.commands]
+        _merged_schema = Encoded(merge(engine, own))
+    return _merged_schema
+
+
+def _plain(value: object) -> Any:
+    """The cache's read-only values (mapping proxies, tuples) as plain JSON values."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 @REGISTRY.command("query-name", returns=object)

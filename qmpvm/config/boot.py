@@ -32,3 +32,6 @@ class BootConfig:
         if change.append is not None:
             new = dataclasses.replace(new, append=change.append or None)
         return new
+
+    def describe(self) -> dict[str, object]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

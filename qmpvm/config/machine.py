@@ -1,13 +1,22 @@
-"""The machine resource: type, accelerator, name, memory, vCPUs, hot-plug
-ports (all boot-only)."""
+"""The machine's own settings: one table row each, one piece of code for all.
+
+A setting is a member of ``machine-set``.  Most stand for one QEMU option
+(``boot`` is ``-boot``, ``numa`` is every ``-numa``); the row says the
+option, the shape of the value, and whether it may change while a machine
+runs (only ``action`` may: ``set-action`` changes it live).  The engine's
+option descriptions (``query-command-line-options``) check the keys where
+the engine lists them; the engine checks the rest when it starts.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from enum import StrEnum
+import keyword
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
-from qmpvm.errors import ConfigError
+from qmpvm.errors import ArgumentError, ConfigError
 
 MiB = 1024 * 1024
 MIN_MEMORY = 16 * MiB
@@ -15,45 +24,202 @@ MAX_CPUS = 288
 MAX_HOTPLUG_PORTS = 24
 """q35's root bus has 32 slots; the machine's own devices use a few."""
 
-
-class Accel(StrEnum):
-    KVM = "kvm"
-    TCG = "tcg"
+SCALAR = (str, int, float, bool)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class MachineSet:
-    """``machine-set`` arguments: only the members given change."""
+class Setting:
+    name: str
+    shape: str  # "str", "int", "bool", "object" (key=value), "objects" (repeated), "strs"
+    option: str | None  # the engine option it becomes; None: built with others
+    default: object = None
+    group: str | None = None  # query-command-line-options group that lists its keys
+    implied: str | None = None  # the key an option's first bare value stands for
+    hot: bool = False
+    doc: str = ""
 
-    type: str | None = None
-    accel: Accel | None = None
-    name: str | None = None
-    memory: int | None = None
-    cpus: int | None = None
-    hotplug_ports: int | None = None
+
+SETTINGS: Mapping[str, Setting] = {
+    s.name: s
+    for s in (
+        Setting(name="type", shape="str", option=None, default="q35", doc="machine type"),
+        Setting(name="accel", shape="str", option=None, doc="kvm, tcg, or a list kvm:tcg"),
+        Setting(name="accel-properties", shape="object", option=None, doc="-accel A,KEY=V"),
+        Setting(name="properties", shape="object", option=None, doc="-machine TYPE,KEY=V"),
+        Setting(name="name", shape="str", option=None, doc="-name guest=NAME"),
+        Setting(name="name-options", shape="object", option=None, group="name",
+                doc="-name process=,debug-threads="),
+        Setting(name="memory", shape="int", option=None, default=128 * MiB, doc="bytes"),
+        Setting(name="maxmem", shape="int", option=None, doc="-m maxmem= (bytes)"),
+        Setting(name="memory-slots", shape="int", option=None, doc="-m slots="),
+        Setting(name="cpus", shape="int", option=None, default=1, doc="-smp N"),
+        Setting(name="smp", shape="object", option=None, group="smp-opts",
+                doc="-smp topology: sockets, dies, clusters, cores, threads, maxcpus"),
+        Setting(name="hotplug-ports", shape="int", option=None, default=4,
+                doc="q35: free PCIe root ports qmpvm adds for device_add at run time"),
+        Setting(name="defaults", shape="bool", option=None, default=False,
+                doc="QEMU's default devices (a command line without -nodefaults)"),
+        Setting(name="cpu", shape="object", option="-cpu", implied="model",
+                doc="-cpu MODEL,FEATURE=on|off"),
+        Setting(name="boot", shape="object", option="-boot", group="boot-opts", implied="order"),
+        Setting(name="rtc", shape="object", option="-rtc", group="rtc"),
+        Setting(name="uuid", shape="str", option="-uuid"),
+        Setting(name="smbios", shape="objects", option="-smbios"),
+        Setting(name="global", shape="objects", option="-global", group="global"),
+        Setting(name="numa", shape="objects", option="-numa", implied="type"),
+        Setting(name="action", shape="object", option="-action", group="action", hot=True,
+                doc="reboot, shutdown, panic, watchdog (set-action changes it live)"),
+        Setting(name="display", shape="object", option="-display", implied="type"),
+        Setting(name="vnc", shape="object", option="-vnc", group="vnc", implied="vnc"),
+        Setting(name="vga", shape="str", option="-vga"),
+        Setting(name="spice", shape="object", option="-spice"),
+        Setting(name="audiodev", shape="objects", option="-audiodev", implied="driver"),
+        Setting(name="fsdev", shape="objects", option="-fsdev", group="fsdev",
+                implied="fsdriver"),
+        Setting(name="virtfs", shape="objects", option="-virtfs", group="virtfs",
+                implied="fsdriver"),
+        Setting(name="tpmdev", shape="objects", option="-tpmdev", implied="type"),
+        Setting(name="net", shape="objects", option="-net", implied="type",
+                doc="legacy -net (hub) networking"),
+        Setting(name="nic", shape="objects", option="-nic", implied="type"),
+        Setting(name="usbdevice", shape="strs", option="-usbdevice"),
+        Setting(name="msg", shape="object", option="-msg", group="msg"),
+        Setting(name="overcommit", shape="object", option="-overcommit", group="overcommit"),
+        Setting(name="sandbox", shape="object", option="-sandbox", group="sandbox",
+                implied="enable"),
+        Setting(name="icount", shape="object", option="-icount", group="icount",
+                implied="shift"),
+        Setting(name="fw-cfg", shape="objects", option="-fw_cfg", group="fw_cfg"),
+        Setting(name="option-rom", shape="objects", option="-option-rom", group="option-rom",
+                implied="romfile"),
+        Setting(name="iscsi", shape="objects", option="-iscsi", group="iscsi"),
+        Setting(name="bios", shape="str", option="-bios"),
+        Setting(name="firmware-dirs", shape="strs", option="-L"),
+        Setting(name="keyboard-layout", shape="str", option="-k"),
+        Setting(name="mem-path", shape="str", option="-mem-path"),
+        Setting(name="mem-prealloc", shape="bool", option="-mem-prealloc"),
+        Setting(name="snapshot", shape="bool", option="-snapshot",
+                doc="every disk writes to a temporary overlay"),
+        Setting(name="incoming", shape="str", option="-incoming"),
+        Setting(name="loadvm", shape="str", option="-loadvm"),
+    )
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MachineConfig:
-    type: str = "q35"
-    accel: Accel | None = None  # None: decided at machine-init from what the host offers
-    name: str | None = None
-    memory: int = 128 * MiB
-    cpus: int = 1
-    hotplug_ports: int = 4  # q35 only: free PCIe root ports for device_add at run time
+    """The settings given so far; the rest are the table's defaults."""
 
-    def update(self, change: MachineSet) -> MachineConfig:
-        if change.memory is not None and (change.memory < MIN_MEMORY or change.memory % MiB):
-            raise ConfigError(
-                f"Parameter 'memory' must be a multiple of 1 MiB and at least {MIN_MEMORY} bytes"
-            )
-        if change.cpus is not None and not 1 <= change.cpus <= MAX_CPUS:
-            raise ConfigError(f"Parameter 'cpus' must be between 1 and {MAX_CPUS}")
-        if change.hotplug_ports is not None and not 0 <= change.hotplug_ports <= MAX_HOTPLUG_PORTS:
-            raise ConfigError(
-                f"Parameter 'hotplug-ports' must be between 0 and {MAX_HOTPLUG_PORTS}"
-            )
-        if change.type is not None and not change.type:
-            raise ConfigError("Parameter 'type' must not be empty")
-        given = {f.name: getattr(change, f.name) for f in dataclasses.fields(change)}
-        return dataclasses.replace(self, **{k: v for k, v in given.items() if v is not None})
+    values: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+
+    def get(self, name: str) -> object:
+        return self.values.get(name, SETTINGS[name].default)
+
+    @property
+    def type(self) -> str:
+        return str(self.get("type"))
+
+    @property
+    def accel(self) -> str | None:
+        value = self.get("accel")
+        return value if isinstance(value, str) else None
+
+    @property
+    def name(self) -> str | None:
+        value = self.get("name")
+        return value if isinstance(value, str) else None
+
+    @property
+    def memory(self) -> int:
+        return int(str(self.get("memory")))
+
+    @property
+    def cpus(self) -> int:
+        return int(str(self.get("cpus")))
+
+    @property
+    def hotplug_ports(self) -> int:
+        return int(str(self.get("hotplug-ports")))
+
+    def update(self, change: Mapping[str, object]) -> MachineConfig:
+        """A new config with ``change`` applied; ``null`` puts a setting back to its default."""
+        values = dict(self.values)
+        for name, value in change.items():
+            if value is None:
+                values.pop(name, None)
+            else:
+                values[name] = check_setting(name, value)
+        return MachineConfig(values=MappingProxyType(values))
+
+    def describe(self) -> dict[str, object]:
+        """Every setting with a value, defaults included."""
+        out = {name: s.default for name, s in SETTINGS.items() if s.default is not None}
+        out.update(self.values)
+        return out
+
+
+def check_setting(name: str, value: object) -> object:
+    """``value`` if it has the shape ``name`` takes; refusals name the member."""
+    setting = SETTINGS.get(name)
+    if setting is None:
+        raise ArgumentError(f"Parameter '{name}' is unexpected")
+    expected = {
+        "str": (str, "string"),
+        "int": (int, "integer"),
+        "bool": (bool, "boolean"),
+        "object": (dict, "object"),
+        "objects": (list, "array"),
+        "strs": (list, "array"),
+    }[setting.shape]
+    if not isinstance(value, expected[0]) or (setting.shape == "int" and isinstance(value, bool)):
+        raise ArgumentError(f"Invalid parameter type for '{name}', expected: {expected[1]}")
+    items: list[object] = value if isinstance(value, list) else []
+    for index, item in enumerate(items):
+        wanted = dict if setting.shape == "objects" else str
+        if not isinstance(item, wanted):
+            kind = "object" if wanted is dict else "string"
+            raise ArgumentError(f"Invalid parameter type for '{name}[{index}]', expected: {kind}")
+    _check_range(name, value)
+    return value
+
+
+def _check_range(name: str, value: object) -> None:
+    if name == "memory" and isinstance(value, int) and (value < MIN_MEMORY or value % MiB):
+        raise ConfigError(
+            f"Parameter 'memory' must be a multiple of 1 MiB and at least {MIN_MEMORY} bytes"
+        )
+    if name == "cpus" and isinstance(value, int) and not 1 <= value <= MAX_CPUS:
+        raise ConfigError(f"Parameter 'cpus' must be between 1 and {MAX_CPUS}")
+    if name == "hotplug-ports" and isinstance(value, int) and not 0 <= value <= MAX_HOTPLUG_PORTS:
+        raise ConfigError(f"Parameter 'hotplug-ports' must be between 0 and {MAX_HOTPLUG_PORTS}")
+    if name in ("type", "uuid", "name") and value == "":
+        raise ConfigError(f"Parameter '{name}' must not be empty")
+
+
+_PYTHON_TYPES: Mapping[str, object] = {
+    "str": str,
+    "int": int,
+    "bool": bool,
+    "object": Mapping[str, object],
+    "objects": list[Mapping[str, object]],
+    "strs": list[str],
+}
+
+
+def _python_name(name: str) -> str:
+    """A member's field name: QMP's ``-`` as ``_``, a keyword with ``_`` after it."""
+    return name.replace("-", "_") + ("_" if keyword.iskeyword(name) else "")
+
+
+MachineSet = dataclasses.make_dataclass(
+    "MachineSet",
+    [
+        (_python_name(name), _PYTHON_TYPES[s.shape] | None, field(default=None))  # type: ignore[operator]
+        for name, s in SETTINGS.items()
+    ],
+    frozen=True,
+    kw_only=True,
+    slots=True,
+)
+"""``machine-set`` arguments, one optional member per setting: made from the
+table, so the checker and ``query-qmp-schema`` see exactly the table."""

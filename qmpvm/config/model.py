@@ -11,29 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from qmpvm.config import block, chardev, device, netdev
+from qmpvm.config import kinds
 from qmpvm.config.boot import BootConfig, BootSet
-from qmpvm.config.machine import MachineConfig, MachineSet
+from qmpvm.config.kinds import KINDS
+from qmpvm.config.machine import MachineConfig
 from qmpvm.config.resource import Kind, Resource
-from qmpvm.errors import ConfigError, NotFoundError
-from qmpvm.schema import check, to_json
+from qmpvm.errors import ConfigError, NotFoundError, QmpvmError
 
-_NOUNS = {
-    Kind.CHARDEV: "Chardev",
-    Kind.BLOCK: "Block node",
-    Kind.NETDEV: "Netdev",
-    Kind.DEVICE: "Device",
-}
-
-CREATE_COMMAND = {
-    Kind.CHARDEV: "chardev-add",
-    Kind.BLOCK: "blockdev-add",
-    Kind.NETDEV: "netdev_add",
-    Kind.DEVICE: "device_add",
-}
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,6 +32,7 @@ class Config:
     resources: tuple[Resource, ...] = ()  # in creation order
     links: Mapping[str, bool] = field(default_factory=dict)  # set_link name -> up
     next_seq: int = 1
+    set_aside: Mapping[str, str] = field(default_factory=dict)  # stored rows that did not load
 
     # -- lookups ---------------------------------------------------------
 
@@ -56,11 +46,11 @@ class Config:
         return [r for r in self.resources if r.kind is kind]
 
     def users_of(self, kind: Kind, key: str) -> list[Resource]:
-        return [r for r in self.resources if (kind, key) in r.refs]
+        return [r for r in self.resources if any(kind in ks and k == key for ks, k in r.refs)]
 
     # -- updates ---------------------------------------------------------
 
-    def set_machine(self, change: MachineSet) -> Config:
+    def set_machine(self, change: Mapping[str, object]) -> Config:
         return dataclasses.replace(self, machine=self.machine.update(change))
 
     def set_boot(self, change: BootSet) -> Config:
@@ -68,23 +58,25 @@ class Config:
 
     def add(self, resource: Resource) -> Config:
         """Add ``resource``, made with sequence number ``self.next_seq``."""
+        spec = KINDS[resource.kind]
         if self.find(resource.kind, resource.key) is not None:
-            raise ConfigError(f"{_NOUNS[resource.kind]} '{resource.key}' already exists")
-        for kind, key in resource.refs:
-            if self.find(kind, key) is None:
-                raise NotFoundError(f"{_NOUNS[kind]} '{key}' not found")
+            raise ConfigError(f"{spec.noun} '{resource.key}' already exists")
+        for allowed, key in resource.refs:
+            if not any(self.find(kind, key) for kind in allowed):
+                raise NotFoundError(f"{KINDS[allowed[0]].noun} '{key}' not found")
         return dataclasses.replace(
             self, resources=(*self.resources, resource), next_seq=self.next_seq + 1
         )
 
     def remove(self, kind: Kind, key: str) -> Config:
+        spec = KINDS[kind]
         if self.find(kind, key) is None:
-            raise NotFoundError(f"{_NOUNS[kind]} '{key}' not found")
+            raise NotFoundError(f"{spec.noun} '{key}' not found")
         users = self.users_of(kind, key)
         if users:
             user = users[0]
             raise ConfigError(
-                f"{_NOUNS[kind]} '{key}' is in use by {_NOUNS[user.kind].lower()} '{user.key}'"
+                f"{spec.noun} '{key}' is in use by {KINDS[user.kind].noun.lower()} '{user.key}'"
             )
         kept = tuple(r for r in self.resources if not (r.kind is kind and r.key == key))
         links = {name: up for name, up in self.links.items() if name != key}
@@ -104,33 +96,26 @@ class Config:
 
     def describe(self) -> dict[str, object]:
         """The configuration part of ``query-machine``."""
-        machine = to_json(self.machine)
+        machine = self.machine.describe()
         machine.setdefault("accel", None)
-        return {
-            "machine": machine,
-            "boot": to_json(self.boot),
-            "chardevs": [dict(r.args) for r in self.of_kind(Kind.CHARDEV)],
-            "block-nodes": [dict(r.args) for r in self.of_kind(Kind.BLOCK)],
-            "netdevs": [dict(r.args) for r in self.of_kind(Kind.NETDEV)],
-            "devices": [dict(r.args) for r in self.of_kind(Kind.DEVICE)],
-            "links": [{"name": n, "up": up} for n, up in sorted(self.links.items())],
-        }
+        out: dict[str, object] = {"machine": machine, "boot": self.boot.describe()}
+        for kind, spec in KINDS.items():
+            out[_plural(spec.noun)] = [dict(r.args) for r in self.of_kind(kind)]
+        out["links"] = [{"name": n, "up": up} for n, up in sorted(self.links.items())]
+        if self.set_aside:
+            out["set-aside"] = sorted(self.set_aside)
+        return out
 
     def export(self, *, diff: bool = True) -> list[dict[str, object]]:
         """QMP commands that rebuild this configuration on a fresh qmpvm."""
         commands: list[dict[str, object]] = []
-        machine = to_json(self.machine)
-        if diff:
-            defaults = to_json(MachineConfig())
-            machine = {k: v for k, v in machine.items() if defaults.get(k) != v}
+        machine = dict(self.machine.values) if diff else self.machine.describe()
         if machine:
             commands.append({"execute": "machine-set", "arguments": machine})
         if self.boot.kernel is not None:
-            commands.append({"execute": "boot-set", "arguments": to_json(self.boot)})
+            commands.append({"execute": "boot-set", "arguments": self.boot.describe()})
         for resource in self.resources:
-            commands.append(
-                {"execute": CREATE_COMMAND[resource.kind], "arguments": dict(resource.args)}
-            )
+            commands.append({"execute": KINDS[resource.kind].add, "arguments": dict(resource.args)})
         for name, up in sorted(self.links.items()):
             commands.append({"execute": "set_link", "arguments": {"name": name, "up": up}})
         return commands
@@ -141,47 +126,71 @@ class Config:
         """The store's rows: one JSON document per item, so a change rewrites
         only what it touched."""
         docs = {
-            "machine": _dump(to_json(self.machine)),
-            "boot": _dump(to_json(self.boot)),
+            "machine": _dump(dict(self.machine.values)),
+            "boot": _dump(self.boot.describe()),
             "links": _dump(dict(self.links)),
             "next-seq": _dump(self.next_seq),
         }
         for r in self.resources:
             docs[f"{r.kind}/{r.key}"] = _dump({"seq": r.seq, "args": r.args})
+        docs.update(self.set_aside)
         return docs
 
     @classmethod
     def from_documents(cls, docs: Mapping[str, str]) -> Config:
-        """Rebuild from stored rows through the same checks the API applies."""
+        """Rebuild from stored rows through the same checks the API applies.
+
+        A row that no longer loads (its reference is gone, it was written by
+        a qmpvm that accepted what this one refuses) is logged and set aside,
+        kept in the store under its key but out of the machine: loading a
+        store never fails as a whole.
+        """
         config = cls()
-        if "machine" in docs:
-            config = config.set_machine(check(MachineSet, json.loads(docs["machine"])))
-        boot = json.loads(docs.get("boot", "{}"))
-        if boot.get("kernel"):
-            config = config.set_boot(check(BootSet, boot))
+        aside: dict[str, str] = {}
+        for key in ("machine", "boot"):
+            if key not in docs:
+                continue
+            try:
+                value = json.loads(docs[key])
+                if key == "machine":
+                    config = config.set_machine(value)
+                elif value.get("kernel"):
+                    config = config.set_boot(BootSet(**value))
+            except (QmpvmError, ValueError, TypeError, AttributeError) as err:
+                log.warning("stored %s does not load (%s); set aside", key, _why(err))
+                aside[key + ".set-aside"] = docs[key]
         stored = []
         for key, text in docs.items():
-            kind, _, _name = key.partition("/")
-            if _name:
+            kind_name, _, name = key.partition("/")
+            if not name or kind_name not in Kind.__members__.values():
+                continue
+            try:
                 doc = json.loads(text)
-                stored.append((int(doc["seq"]), Kind(kind), doc["args"]))
-        for seq, kind, args in sorted(stored, key=lambda item: item[0]):
-            config = dataclasses.replace(config, next_seq=seq)
-            config = config.add(make_from_args(kind, args, seq))
-        links = json.loads(docs.get("links", "{}"))
-        next_seq = max(json.loads(docs.get("next-seq", "1")), config.next_seq)
-        return dataclasses.replace(config, links=links, next_seq=next_seq)
+                stored.append((int(doc["seq"]), Kind(kind_name), doc["args"], key))
+            except (ValueError, TypeError, KeyError) as err:
+                log.warning("stored %s does not load (%s); set aside", key, _why(err))
+                aside[key] = text
+        for seq, kind, args, key in sorted(stored, key=lambda item: item[0]):
+            try:
+                resource = kinds.make(kind, args, seq)
+                config = dataclasses.replace(config, next_seq=seq).add(resource)
+            except (QmpvmError, AttributeError, TypeError) as err:
+                log.warning("stored %s does not load (%s); set aside", key, _why(err))
+                aside[key] = docs[key]
+        try:
+            links = {str(k): bool(v) for k, v in json.loads(docs.get("links", "{}")).items()}
+            next_seq = max(int(json.loads(docs.get("next-seq", "1"))), config.next_seq)
+        except (ValueError, TypeError, AttributeError):
+            links, next_seq = {}, config.next_seq
+        return dataclasses.replace(config, links=links, next_seq=next_seq, set_aside=aside)
 
 
-def make_from_args(kind: Kind, args: Mapping[str, object], seq: int) -> Resource:
-    """A resource from QMP arguments, checked as the API checks them."""
-    if kind is Kind.CHARDEV:
-        return chardev.make(check(chardev.ChardevAdd, args), seq)
-    if kind is Kind.BLOCK:
-        return block.make(check(block.BlockdevOptions, args), seq)
-    if kind is Kind.NETDEV:
-        return netdev.make(check(netdev.Netdev, args), seq)
-    return device.make(check(device.DeviceAdd, args), seq)
+def _why(err: Exception) -> str:
+    return err.desc if isinstance(err, QmpvmError) else f"{type(err).__name__}: {err}"
+
+
+def _plural(noun: str) -> str:
+    return noun.lower().replace(" ", "-") + "s"
 
 
 def _dump(value: object) -> str:

@@ -8,17 +8,18 @@ from enum import StrEnum
 
 
 class Kind(StrEnum):
-    """Resource kinds, in the order a machine is assembled from them."""
+    """Resource kinds, in the order QEMU creates them at machine start."""
 
+    OBJECT = "object"
     CHARDEV = "chardev"
     BLOCK = "block"
+    DRIVE = "drive"
     NETDEV = "netdev"
     DEVICE = "device"
 
 
-class PlugClass(StrEnum):
-    BOOT_ONLY = "boot-only"
-    HOT = "hot"
+Reference = tuple[tuple[Kind, ...], str]
+"""A name another item must carry, and the kinds that may carry it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,9 +33,5 @@ class Resource:
     kind: Kind
     key: str  # the id / node-name; "#<n>" for a device created without id
     args: Mapping[str, object]
-    refs: tuple[tuple[Kind, str], ...] = ()
+    refs: tuple[Reference, ...] = ()
     seq: int = 0  # creation order, kept across restarts
-
-    @property
-    def anonymous(self) -> bool:
-        return self.key.startswith("#")

@@ -31,3 +31,18 @@ def kvm_state() -> KvmState:
 def default_accel() -> str:
     """``kvm`` where KVM is usable, otherwise ``tcg``."""
     return "kvm" if kvm_state().usable else "tcg"
+
+
+def choose_accel(spec: str | None) -> str:
+    """The accelerator for ``spec``: one name, a ``kvm:tcg`` fallback list, or None.
+
+    In a list, ``kvm`` is taken only where it is usable (hardware-backed):
+    the list says "the best this host has", and emulated KVM is not that.
+    """
+    if not spec:
+        return default_accel()
+    choices = spec.split(":")
+    for choice in choices[:-1]:
+        if choice != "kvm" or kvm_state().usable:
+            return choice
+    return choices[-1]

@@ -1,23 +1,30 @@
 """Configuration -> engine command line, as a pure function.
 
-The engine is always started with ``-nodefaults -no-user-config -S``: it
-builds exactly what the store says, paused, and ``cont`` resumes it.  Block
-nodes, netdevs and devices use QEMU's JSON option syntax (the same documents
-the store keeps); QEMU 7.2's ``-chardev`` has no JSON form, so chardevs are
-written in its key=value form with commas doubled.
+The engine is started paused (``-S``) with ``-no-user-config`` and, unless
+the configuration asks for QEMU's default devices, ``-nodefaults``: it
+builds exactly what the store says, and ``cont`` resumes it.  Every machine
+setting with an engine option is written from the settings table; block
+nodes, netdevs, objects and devices use QEMU's JSON option syntax (the
+same documents the store keeps); QEMU 7.2's ``-chardev`` and ``-drive``
+have no JSON form, so they are written as key=value with commas doubled.
+The hot-plug root ports qmpvm adds on q35 come after the user's devices,
+so those get the PCI addresses QEMU would give them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from qmpvm.config import chardev, netdev
-from qmpvm.config.machine import MiB
+from qmpvm.config import chardev
+from qmpvm.config.descriptors import NETDEV_FD_MEMBERS
+from qmpvm.config.kinds import KINDS
+from qmpvm.config.machine import SETTINGS, MachineConfig, MiB
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind, Resource
 from qmpvm.errors import ConfigError
+from qmpvm.keyval import encode
 
 LINK_CHARDEV = "qmpvm-link"
 HOTPLUG_PORT_PREFIX = "qmpvm-hp"
@@ -58,18 +65,12 @@ def build_launch(
 ) -> LaunchPlan:
     """The engine's argv and the descriptors it inherits."""
     machine = config.machine
+    argv = [binary, *machine_options(machine, accel)]
     boot = config.boot
-    argv = [binary, "-nodefaults", "-no-user-config", "-S", "-display", "none"]
-    argv += ["-machine", machine.type, "-accel", accel]
-    argv += ["-m", f"{machine.memory // MiB}M", "-smp", str(machine.cpus)]
-    if machine.name is not None:
-        argv += ["-name", _escape(machine.name)]
-    if boot.kernel is not None:
-        argv += ["-kernel", boot.kernel]
-    if boot.initrd is not None:
-        argv += ["-initrd", boot.initrd]
-    if boot.append is not None:
-        argv += ["-append", boot.append]
+    for option, value in (("-kernel", boot.kernel), ("-initrd", boot.initrd),
+                          ("-append", boot.append)):  # fmt: skip
+        if value is not None:
+            argv += [option, value]
     argv += ["-chardev", f"socket,id={LINK_CHARDEV},fd={link_fd}"]
     argv += ["-mon", f"chardev={LINK_CHARDEV},mode=control"]
     pass_fds = [link_fd]
@@ -77,17 +78,19 @@ def build_launch(
         for fd in fds:
             argv += ["-add-fd", f"fd={fd},set={fdset_id}"]
             pass_fds.append(fd)
+    for kind in KINDS:
+        for resource in config.of_kind(kind):
+            value, fds = _option_value(resource, named_fds)
+            argv += [KINDS[kind].option, value]
+            pass_fds.extend(fds)
     ports: list[str] = []
     if machine_family(machine.type) == "q35":
         for index in range(machine.hotplug_ports):
             port = f"{HOTPLUG_PORT_PREFIX}{index}"
             ports.append(port)
-            device = {"driver": "pcie-root-port", "id": port, "bus": "pcie.0", "chassis": index + 1}
+            device = {"driver": "pcie-root-port", "id": port, "bus": "pcie.0",
+                      "chassis": 0x40 + index}  # fmt: skip
             argv += ["-device", _json(device)]
-    for resource in config.resources:
-        option, value, fds = _option(resource, named_fds)
-        argv += [option, value]
-        pass_fds.extend(fds)
     after_start = tuple(
         ("set_link", {"name": name, "up": up}) for name, up in sorted(config.links.items())
     )
@@ -99,15 +102,64 @@ def build_launch(
     )
 
 
-def _option(resource: Resource, named_fds: Mapping[str, int]) -> tuple[str, str, list[int]]:
+def machine_options(machine: MachineConfig, accel: str) -> list[str]:
+    """The options for the machine's own settings, in the settings table's order."""
+    argv = [] if machine.get("defaults") else ["-nodefaults"]
+    argv += ["-no-user-config", "-S"]
+    if machine.get("display") is None:
+        argv += ["-display", "none"]
+    properties = _mapping(machine.get("properties"))
+    argv += ["-machine", encode({"type": machine.type, **properties}, "type")]
+    argv += ["-accel", encode({"accel": accel, **_mapping(machine.get("accel-properties"))},
+                              "accel")]  # fmt: skip
+    memory: dict[str, object] = {"size": f"{machine.memory // MiB}M"}
+    for member, key in (("memory-slots", "slots"), ("maxmem", "maxmem")):
+        if machine.get(member) is not None:
+            memory[key] = machine.get(member)
+    argv += ["-m", encode(memory)]
+    argv += ["-smp", encode({"cpus": machine.cpus, **_mapping(machine.get("smp"))})]
+    name = _mapping(machine.get("name-options"))
+    if machine.name is not None:
+        name = {"guest": machine.name, **name}
+    if name:
+        argv += ["-name", encode(name)]
+    for setting in SETTINGS.values():
+        value = machine.get(setting.name)
+        if setting.option is None or value is None or value is False:
+            continue
+        if setting.shape == "bool":
+            argv.append(setting.option)
+        elif setting.shape == "object":
+            argv += [setting.option, encode(_mapping(value), setting.implied)]
+        elif setting.shape in ("objects", "strs"):
+            for item in value if isinstance(value, list) else ():
+                text = encode(item, setting.implied) if isinstance(item, dict) else str(item)
+                argv += [setting.option, text]
+        else:
+            argv += [setting.option, str(value)]
+    return argv
+
+
+def _option_value(resource: Resource, named_fds: Mapping[str, int]) -> tuple[str, list[int]]:
     if resource.kind is Kind.CHARDEV:
-        return "-chardev", chardev_option(resource.args), []
-    if resource.kind is Kind.BLOCK:
-        return "-blockdev", _json(resource.args), []
+        return chardev_option(resource.args), []
+    if resource.kind is Kind.DRIVE:
+        return encode(dict(resource.args)), []
+    if resource.kind is Kind.OBJECT:
+        return _json(_object_option(resource.args)), []
     if resource.kind is Kind.NETDEV:
         args, fds = resolve_fd_names(resource.args, named_fds)
-        return "-netdev", _json(args), fds
-    return "-device", _json(resource.args), []
+        return _json(args), fds
+    return _json(resource.args), []
+
+
+def _object_option(args: Mapping[str, object]) -> dict[str, object]:
+    """object-add's arguments; a 'props' member (older clients) is flattened as QEMU does."""
+    out = {k: v for k, v in args.items() if k != "props"}
+    props = args.get("props")
+    if isinstance(props, dict):
+        out.update(props)
+    return out
 
 
 def resolve_fd_names(
@@ -116,7 +168,7 @@ def resolve_fd_names(
     """Netdev arguments with getfd names replaced by inherited fd numbers."""
     out = dict(args)
     used: list[int] = []
-    for member in netdev.FD_MEMBERS:
+    for member in NETDEV_FD_MEMBERS:
         value = out.get(member)
         if not isinstance(value, str):
             continue
@@ -139,48 +191,12 @@ def resolve_fd_names(
 
 def chardev_option(args: Mapping[str, object]) -> str:
     """A stored chardev-add as QEMU 7.2's -chardev key=value string."""
-    backend, data = chardev.backend_of(args)
-    parts = [backend if backend != "memory" else "ringbuf", f"id={_escape(str(args['id']))}"]
-    parts += [f"{key}={_value(value)}" for key, value in _chardev_options(backend, data)]
-    return ",".join(parts)
+    pairs = dict(chardev.to_legacy(args))
+    return encode(pairs, "backend")
 
 
-def _chardev_options(backend: str, data: Mapping[str, object]) -> Iterator[tuple[str, object]]:
-    if backend == "socket":
-        addr = data["addr"]
-        if not isinstance(addr, dict):
-            raise ConfigError("chardev socket: 'addr' must be an object")
-        kind, where = addr["type"], addr["data"]
-        if kind == "unix":
-            yield "path", where["path"]
-        elif kind == "inet":
-            yield "host", where["host"]
-            yield "port", where["port"]
-        else:
-            yield "fd", where["str"]
-        for key in ("server", "wait", "nodelay", "telnet", "reconnect", "logfile"):
-            if key in data:
-                yield key, data[key]
-        return
-    if backend == "file":
-        yield "path", data["out"]
-        for key in ("append", "logfile"):
-            if key in data:
-                yield key, data[key]
-        return
-    for key in ("size", "logfile"):
-        if key in data:
-            yield key, data[key]
-
-
-def _value(value: object) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return _escape(str(value))
-
-
-def _escape(text: str) -> str:
-    return text.replace(",", ",,")
+def _mapping(value: object) -> dict[str, object]:
+    return dict(value) if isinstance(value, dict) else {}
 
 
 def _json(value: Mapping[str, object]) -> str:

@@ -80,12 +80,9 @@ class EngineMachine:
         on_exit: Callable[[EngineMachine, dict[str, object]], None],
     ) -> EngineMachine:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        if config.machine.accel:
-            accel = str(config.machine.accel)
-        else:
-            from qmpvm.engine.host import default_accel  # looks at the host: only when needed
+        from qmpvm.engine.host import choose_accel  # looks at the host: only when needed
 
-            accel = default_accel()
+        accel = choose_accel(config.machine.accel)
         try:
             plan = build_launch(
                 config,

@@ -4,25 +4,33 @@ Theory of operation:
 
 * **Probing** starts the binary with no machine (``-machine none -S
   -nodefaults``) and a private monitor link, asks the introspection commands
-  once, then ``device-list-properties`` for every non-abstract device type.
-* **Crashes.**  Some device types may abort QEMU when introspected without a
-  machine.  The property requests are pipelined on one engine; if it dies,
-  the answers it never sent are "lost".  QEMU answers in order, so the first
-  lost type is the suspect: it is asked again alone on a fresh engine and
-  recorded with ``properties=None`` if that engine dies too; the rest are
+  once (version, machines, commands, the QMP schema, command-line options,
+  CPU models, QOM type lists), then the properties of every type qmpvm
+  validates against: ``device-list-properties`` for every non-abstract
+  device type, ``qom-list-properties`` for every machine type
+  (``<name>-machine``, ``none`` included) and every non-abstract
+  user-creatable object type.  All of these go in one pipeline.
+* **Crashes.**  Some types abort QEMU when introspected without a machine
+  (QEMU 7.2: ``microvm-machine``, ``colo-compare``, ``x-remote-object``).
+  The property requests are pipelined on one engine; if it dies, the
+  answers it never sent are "lost".  QEMU answers in order, so the first
+  lost request is the suspect: it is asked again alone on a fresh engine and
+  recorded as ``None`` (unknown) if that engine dies too; the rest are
   pipelined again.  If the suspect answers alone, the engine died for a
   reason the order does not show, and the rest is halved (bisection), so a
   culprit still costs only a logarithmic number of engine starts.  Every
-  round settles at least one type, so the probe ends; a hang is turned into
-  a crash by killing the engine after a timeout.
+  round settles at least one request, so the probe ends; a hang is turned
+  into a crash by killing the engine after a timeout.  A request the engine
+  refuses (an error reply) is recorded as ``None`` too.
 * **Bus kind** of a device comes from ``qom-list-types implements=<base>``:
   the first base in ``_BUS_KINDS`` the type implements gives its kind.
 * **Schema enums.**  ``query-qmp-schema`` masks type names as numbers but
   keeps command names, so each enum is found structurally: start at a
   command's ``arg-type`` and follow members by name (``_SCHEMA_ENUMS``), e.g.
   ``chardev-add`` -> member ``backend`` -> member ``type`` is the enum of
-  chardev backends.
-* **No stray engines.**  Every engine is killed on any exit path, and is
+  chardev backends.  The whole schema is kept as well.
+* **No stray engines.**  Every engine is killed on any exit path and reaped
+  before that path goes on, cancellation included (``_Engine.stop``), and is
   started by ``qmpvm.engine.process`` so it dies with qmpvm even on a hard
   crash.
 """
@@ -32,11 +40,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 from qmpvm.engine import process
 from qmpvm.engine.caps import (
@@ -44,6 +54,8 @@ from qmpvm.engine.caps import (
     DeviceType,
     ProbeError,
     Progress,
+    Properties,
+    QmpSchema,
     frozen,
     resolve_binary,
     stat_identity,
@@ -60,8 +72,8 @@ _PROBE_ARGS = (
 )  # fmt: skip
 _GREETING_TIMEOUT = 30.0
 _QUERY_TIMEOUT = 60.0
-_ROUND_TIMEOUT = 30.0  # one pipelined round of device-list-properties; past it, a hang
-_ALONE_TIMEOUT = 10.0  # the same for a single suspect type
+_ROUND_TIMEOUT = 30.0  # one pipelined round of property requests; past it, a hang
+_ALONE_TIMEOUT = 10.0  # the same for a single suspect request
 _VERSION_TIMEOUT = 30.0
 _STDERR_TAIL = 2000
 
@@ -88,6 +100,47 @@ _SCHEMA_ENUMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ObjectType": ("object-add", ("qom-type",)),
 }
 
+_DEVICE_PROPERTIES = "device-list-properties"
+_QOM_PROPERTIES = "qom-list-properties"
+
+# One property request: (command, typename).
+_Request = tuple[str, str]
+_Found = dict[_Request, Properties | None]
+
+_T = TypeVar("_T")
+
+
+async def _to_the_end(awaitable: Awaitable[_T]) -> _T:
+    """Await ``awaitable`` to its end even if the caller is cancelled meanwhile;
+    then raise that cancellation.  Only for work bounded without the caller
+    (reaping a killed process), so that cleanup cannot be cut short."""
+    task = asyncio.ensure_future(awaitable)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancellation is what the caller gets
+        raise asyncio.CancelledError
+    return task.result()
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL ``proc`` unless asyncio has seen it end.
+
+    Not ``proc.kill()``: that polls first (``Popen.send_signal``), and a poll
+    that reaps an engine which has just crashed races asyncio's child
+    watcher, which then logs "Unknown child process" and reports exit status
+    255 instead of the signal.  Signalling an ended, unreaped process is
+    harmless.
+    """
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+
 
 # -- identity --------------------------------------------------------
 
@@ -95,7 +148,8 @@ _SCHEMA_ENUMS: dict[str, tuple[str, tuple[str, ...]]] = {
 async def binary_identity(binary: str) -> dict[str, object]:
     """Who the binary is: where, which build (size, mtime), and what it says it is.
 
-    ``--version`` runs as a child that is killed if the caller is cancelled.
+    ``--version`` runs as a child that is killed (and reaped) if the caller is
+    cancelled.
     """
     path = resolve_binary(binary)
     identity = stat_identity(path)
@@ -109,9 +163,8 @@ async def binary_identity(binary: str) -> dict[str, object]:
         async with asyncio.timeout(_VERSION_TIMEOUT):
             out, errout = await proc.communicate()
     except BaseException as exc:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
+        _kill(proc)
+        await _to_the_end(proc.wait())
         if isinstance(exc, TimeoutError):
             raise ProbeError(f"{path} --version did not finish in {_VERSION_TIMEOUT:g} s") from exc
         raise
@@ -137,6 +190,7 @@ class _Engine:
         self.proc = proc
         self.link: EngineLink | None = None
         self._stderr = asyncio.create_task(_read_tail(proc.stderr))
+        self._stopping: asyncio.Task[str] | None = None
 
     @classmethod
     async def start(cls, path: str) -> _Engine:
@@ -157,17 +211,17 @@ class _Engine:
             parent.close()
             if isinstance(exc, OSError):
                 raise ProbeError(f"cannot start {path}: {exc}") from exc
-            raise  # cancelled: asyncio kills a child it had started
+            raise  # cancelled: asyncio kills (and reaps) a child it had started
         finally:
             child.close()
         engine = cls(proc)
         try:
             engine.link = await EngineLink.open(parent, timeout=_GREETING_TIMEOUT)
-        except EngineError as err:
+        except BaseException as exc:
+            parent.close()  # open closed it already unless it failed before taking it
             detail = await engine.stop()
-            raise ProbeError(f"{path} gave no QMP greeting ({err}){detail}") from err
-        except BaseException:
-            await engine.stop()
+            if isinstance(exc, EngineError):
+                raise ProbeError(f"{path} gave no QMP greeting ({exc}){detail}") from exc
             raise
         return engine
 
@@ -176,17 +230,25 @@ class _Engine:
         return self.link is not None and not self.link.closed and self.proc.returncode is None
 
     async def stop(self) -> str:
-        """Kill (first, synchronously, so cancellation cannot skip it) and reap.
+        """Kill (synchronously, so no cancellation can come first), reap, close the link.
 
+        Runs to its end even if the caller is cancelled meanwhile (and then
+        raises the cancellation): everything after the kill is bounded, and
+        an engine left unreaped would outlive the probe.  Idempotent.
         Returns how the engine ended and the tail of its stderr, for messages.
         """
-        was_running = self.proc.returncode is None
-        if was_running:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-        if self.link is not None:
-            await self.link.close()
-        code = await self.proc.wait()
+        if self._stopping is None:
+            was_running = self.proc.returncode is None
+            _kill(self.proc)
+            self._stopping = asyncio.create_task(self._reap(was_running))
+        return await _to_the_end(self._stopping)
+
+    async def _reap(self, was_running: bool) -> str:
+        try:
+            code = await self.proc.wait()
+        finally:
+            if self.link is not None:
+                await self.link.close()  # the engine is gone: the reader is at EOF
         stderr = await self._stderr
         how = "" if was_running and code == -signal.SIGKILL else f"; {_exit_text(code)}"
         return how + (f"; stderr: {stderr}" if stderr else "")
@@ -240,15 +302,20 @@ class _Prober:
     async def run(self, identity: dict[str, object]) -> Capabilities:
         self.say(f"starting {self.path}")
         link = await self.link()
-        self.say("querying version, machines, commands, schema and QOM types")
-        implements = ["device", "accel", *(base for base, _ in _BUS_KINDS)]
+        self.say(
+            "querying version, machines, commands, schema, command-line options, "
+            "CPU models and QOM types"
+        )
+        implements = ["device", "accel", "user-creatable", *(base for base, _ in _BUS_KINDS)]
         try:
             async with asyncio.timeout(_QUERY_TIMEOUT):
-                version, machines, commands, schema, *types = await asyncio.gather(
+                version, machines, commands, schema, options, cpus, *types = await asyncio.gather(
                     link.execute("query-version"),
                     link.execute("query-machines"),
                     link.execute("query-commands"),
                     link.execute("query-qmp-schema"),
+                    _optional(link.execute("query-command-line-options")),
+                    _optional(link.execute("query-cpu-definitions")),
                     *(
                         link.execute("qom-list-types", {"implements": base, "abstract": False})
                         for base in implements
@@ -264,21 +331,36 @@ class _Prober:
             sorted(name.removesuffix("-accel") for name in _type_names(types[1])
                    if name.endswith("-accel"))
         )  # fmt: skip
+        object_names = sorted(_type_names(types[2]))
         kinds = [
             (kind, set(_type_names(found)))
-            for (_, kind), found in zip(_BUS_KINDS, types[2:], strict=True)
+            for (_, kind), found in zip(_BUS_KINDS, types[3:], strict=True)
         ]
-        self.say(f"listing the properties of {len(device_names)} device types")
-        properties = await self.properties(device_names)
+        machine_map, default_machine = _machines(machines)
+        machine_names = sorted({str(entry["name"]) for entry in machine_map.values()})
+        self.say(
+            f"listing the properties of {len(device_names)} device types, "
+            f"{len(machine_names)} machine types and {len(object_names)} object types"
+        )
+        found = await self.properties(
+            [
+                *((_DEVICE_PROPERTIES, name) for name in device_names),
+                *((_QOM_PROPERTIES, f"{name}-machine") for name in machine_names),
+                *((_QOM_PROPERTIES, name) for name in object_names),
+            ]
+        )
         devices = {
             name: DeviceType(
                 name=name,
                 bus=next((kind for kind, members in kinds if name in members), None),
-                properties=properties.get(name),
+                properties=found.get((_DEVICE_PROPERTIES, name)),
             )
             for name in sorted(device_names)
         }
-        machine_map, default_machine = _machines(machines)
+        machine_properties = {
+            name: found.get((_QOM_PROPERTIES, f"{entry['name']}-machine"))
+            for name, entry in machine_map.items()
+        }
         qemu_version, package = _version(version)
         return Capabilities(
             binary=self.path,
@@ -291,75 +373,97 @@ class _Prober:
             commands=frozenset(_names(commands)),
             schema_enums=frozen(_schema_enums(schema)),
             accelerators=accelerators,
+            schema=QmpSchema.from_entries(_objects(schema)),
+            command_line_options=frozen(_command_line_options(options)),
+            cpu_models=frozen(_cpu_models(cpus)),
+            machine_properties=frozen(machine_properties),
+            object_types=frozen(
+                {name: found.get((_QOM_PROPERTIES, name)) for name in object_names}
+            ),
         )
 
-    async def properties(self, names: Sequence[str]) -> dict[str, Mapping[str, str] | None]:
-        found: dict[str, Mapping[str, str] | None] = {}
-        await self._settle(list(names), found)
+    async def properties(self, requests: Sequence[_Request]) -> _Found:
+        """The answer to every request, or None where the engine refused or crashed on it."""
+        found: _Found = {}
+        await self._settle(list(requests), found)
         return found
 
-    async def _settle(self, todo: list[str], found: dict[str, Mapping[str, str] | None]) -> None:
-        """Get an answer, or a verdict of "crashes", for every name in ``todo``."""
+    async def _settle(self, todo: list[_Request], found: _Found) -> None:
+        """Get an answer, or a verdict of "crashes", for every request in ``todo``."""
         while todo:
             alone = len(todo) == 1
             lost = await self._round(todo, found)
             if not lost:
                 return
             suspect, todo = lost[0], lost[1:]
+            typename = suspect[1]
             if not alone:
-                self.say(f"engine died; asking for {suspect} alone ({len(todo)} more to redo)")
+                self.say(f"engine died; asking for {typename} alone ({len(todo)} more to redo)")
             if alone or await self._round([suspect], found, timeout=_ALONE_TIMEOUT):
                 found[suspect] = None
-                self.crashed.append(suspect)
-                self.say(f"{suspect} crashes the engine; its properties are unknown")
+                self.crashed.append(typename)
+                self.say(f"{typename} crashes the engine; its properties are unknown")
                 continue
-            # The engine died, but not on the type it was answering: halve what is
-            # left so any culprit is still found in a logarithmic number of starts.
+            # The engine died, but not on the request it was answering: halve what
+            # is left so any culprit is still found in a logarithmic number of starts.
             half = len(todo) // 2
             await self._settle(todo[:half], found)
             todo = todo[half:]
 
     async def _round(
-        self,
-        names: Sequence[str],
-        found: dict[str, Mapping[str, str] | None],
-        *,
-        timeout: float | None = None,
-    ) -> list[str]:
-        """Ask for all ``names`` at once; return those whose answers died with the engine."""
+        self, requests: Sequence[_Request], found: _Found, *, timeout: float | None = None
+    ) -> list[_Request]:
+        """Send all ``requests`` at once; return those whose answers died with the engine."""
         link = await self.link()
         tasks = [
-            asyncio.create_task(link.execute("device-list-properties", {"typename": name}))
-            for name in names
+            asyncio.create_task(link.execute(command, {"typename": typename}))
+            for command, typename in requests
         ]
         try:
-            _, pending = await asyncio.wait(tasks, timeout=timeout or _ROUND_TIMEOUT)
+            pending = await self._answers(requests, tasks, timeout or _ROUND_TIMEOUT)
             if pending:
-                logger.warning("engine hung listing device properties; killing it")
+                logger.warning("engine hung listing properties; killing it")
                 await self.discard()
                 await asyncio.wait(pending)
         except BaseException:
             for task in tasks:
                 task.cancel()
             raise
-        lost: list[str] = []
-        for name, task in zip(names, tasks, strict=True):
+        lost: list[_Request] = []
+        for request, task in zip(requests, tasks, strict=True):
             err = task.exception()
             if err is None:
-                found[name] = _properties(task.result())
+                found[request] = _properties(task.result())
             elif isinstance(err, EngineCommandError):
-                logger.info("device-list-properties %s refused: %s", name, err.desc)
-                found[name] = None
+                logger.info("%s %s refused: %s", request[0], request[1], err.desc)
+                found[request] = None
             elif isinstance(err, EngineError):
-                lost.append(name)
+                lost.append(request)
             else:
                 raise err
         if lost:
             detail = await self.discard()
             logger.warning(
-                "probe engine died with %d answers lost (first %s)%s", len(lost), lost[0], detail
+                "probe engine died with %d answers lost (first %s)%s", len(lost), lost[0][1], detail
             )
         return lost
+
+    async def _answers(
+        self, requests: Sequence[_Request], tasks: Sequence[asyncio.Task[object]], timeout: float
+    ) -> set[asyncio.Task[object]]:
+        """Wait for the answers to one round's ``requests`` (``tasks``, in the same
+        order); return the tasks still pending after ``timeout``: a hang."""
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        return pending
+
+
+async def _optional(request: Awaitable[object]) -> object:
+    """The answer, or None if the engine refuses the command (it may not have it)."""
+    try:
+        return await request
+    except EngineCommandError as err:
+        logger.info("engine refused an optional query: %s", err.desc)
+        return None
 
 
 async def probe(
@@ -375,14 +479,18 @@ async def probe(
     finally:
         await prober.discard()
     elapsed = time.monotonic() - started
+    counts = (
+        f"{len(caps.devices)} device types, {len(caps.machine_properties)} machine types "
+        f"and aliases, {len(caps.object_types)} object types"
+    )
     prober.say(
-        f"probed {len(caps.devices)} device types in {elapsed:.2f} s with {prober.starts} "
-        f"engine start(s); {len(prober.crashed)} crashed the engine"
+        f"probed {counts} in {elapsed:.2f} s with {prober.starts} engine start(s); "
+        f"{len(prober.crashed)} crashed the engine"
         + (f": {', '.join(prober.crashed)}" if prober.crashed else "")
     )
     logger.info(
-        "probed %s in %.2f s: %d device types, %d crashed the engine",
-        path, elapsed, len(caps.devices), len(prober.crashed),
+        "probed %s in %.2f s: %s; %d crashed the engine",
+        path, elapsed, counts, len(prober.crashed),
     )  # fmt: skip
     return caps
 
@@ -405,16 +513,59 @@ def _type_names(value: object) -> list[str]:
     return _names(value)
 
 
-def _properties(value: object) -> Mapping[str, str] | None:
+def _properties(value: object) -> Properties | None:
+    """ObjectPropertyInfo / DevicePropertyInfo list -> Properties (description and
+    ``default-value`` kept where given)."""
     if not isinstance(value, list):
         return None
-    out: dict[str, str] = {}
+    types: dict[str, str] = {}
+    defaults: dict[str, object] = {}
+    descriptions: dict[str, str] = {}
     for item in value:
-        if isinstance(item, dict):
-            name, kind = item.get("name"), item.get("type")
-            if isinstance(name, str) and isinstance(kind, str):
-                out[name] = kind
-    return frozen(out)
+        if not isinstance(item, dict):
+            continue
+        name, kind = item.get("name"), item.get("type")
+        if not (isinstance(name, str) and isinstance(kind, str)):
+            continue
+        types[name] = kind
+        if "default-value" in item:
+            defaults[name] = item["default-value"]
+        description = item.get("description")
+        if isinstance(description, str):
+            descriptions[name] = description
+    return Properties(types, defaults=defaults, descriptions=descriptions)
+
+
+def _command_line_options(value: object) -> dict[str, Mapping[str, str]]:
+    """query-command-line-options -> option -> parameter -> type ("string", ...)."""
+    if value is None:
+        return {}
+    out: dict[str, Mapping[str, str]] = {}
+    for entry in _objects(value):
+        option, parameters = entry.get("option"), entry.get("parameters")
+        if not isinstance(option, str) or not isinstance(parameters, list):
+            continue
+        params = {
+            item["name"]: item["type"]
+            for item in parameters
+            if isinstance(item, dict)
+            and isinstance(item.get("name"), str)
+            and isinstance(item.get("type"), str)
+        }
+        out[option] = frozen({**out.get(option, {}), **params})
+    return dict(sorted(out.items()))
+
+
+def _cpu_models(value: object) -> dict[str, str | None]:
+    """query-cpu-definitions -> model name -> the model it is an alias of, or None."""
+    if value is None:
+        return {}
+    out: dict[str, str | None] = {}
+    for entry in _objects(value):
+        name, alias = entry.get("name"), entry.get("alias-of")
+        if isinstance(name, str):
+            out[name] = alias if isinstance(alias, str) else None
+    return dict(sorted(out.items()))
 
 
 def _version(value: object) -> tuple[tuple[int, int, int], str]:

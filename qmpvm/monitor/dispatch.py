@@ -10,7 +10,7 @@ QMP error replies.  Command code never sees JSON framing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -50,11 +50,20 @@ Handler = Callable[[Call], Awaitable[object]]
 EventHook = Callable[["Vmm", dict[str, object]], None]
 
 
+ENGINE_ARGS = "engine"
+"""A command's ``args`` when its arguments are the engine's command's: the
+engine's own schema checks them, and the handler receives the checked dict."""
+
+UNRECORDED = frozenset({"chardev-change", "x-blockdev-change", "blockdev-reopen"})
+"""Engine commands that would change what the store records behind its back;
+every other engine command qmpvm does not declare is relayed to the machine."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommandSpec:
     name: str
     handler: Handler
-    args: type | Union | None = None
+    args: type | Union | str | None = None
     returns: object = None
     phases: frozenset[Phase] = ALWAYS
 
@@ -70,7 +79,7 @@ class Registry:
         self,
         name: str,
         *,
-        args: type | Union | None = None,
+        args: type | Union | str | None = None,
         returns: object = None,
         phases: frozenset[Phase] = ALWAYS,
         aliases: Iterable[str] = (),
@@ -101,7 +110,8 @@ class Registry:
         if self._schema is None:
             introspector = Introspector()
             for spec in self.commands.values():
-                introspector.command(spec.name, spec.args, spec.returns)
+                if not isinstance(spec.args, str):
+                    introspector.command(spec.name, spec.args, spec.returns)
             for name, data in self.events.items():
                 introspector.event(name, data)
             self._schema = list(introspector.entries.values())
@@ -134,14 +144,31 @@ class Dispatcher:
     async def _run(self, request: Request, client: Client) -> object:
         spec = self.registry.commands.get(request.name)
         if spec is None:
-            if self.vmm.can_forward(request.name):
-                return await self.vmm.forward(request.name, request.arguments)
-            raise CommandNotFoundError(f"The command {request.name} has not been found")
+            return await self._relay(request.name, request.arguments)
         phase = self.vmm.phase
         if phase not in spec.phases:
             raise PhaseError(phase_refusal(spec.name, phase))
-        args = check(spec.args, request.arguments) if spec.args is not None else None
+        if isinstance(spec.args, str):
+            schema = await self.vmm.engine_schema()
+            arguments = dict(request.arguments)
+            args: Any = schema.check_command(spec.name, arguments) if schema else arguments
+        else:
+            args = check(spec.args, request.arguments) if spec.args is not None else None
         if spec.args is None and request.arguments:
             name = next(iter(request.arguments))
             raise QmpvmError(f"Parameter '{name}' is unexpected")
         return await spec.handler(Call(vmm=self.vmm, client=client, args=args, name=request.name))
+
+    async def _relay(self, name: str, arguments: Mapping[str, object]) -> object:
+        """An engine command qmpvm does not declare: checked, then the machine answers."""
+        schema = await self.vmm.engine_schema()
+        if schema is None or not schema.has_command(name):
+            raise CommandNotFoundError(f"The command {name} has not been found")
+        if name in UNRECORDED:
+            raise QmpvmError(
+                f"The command '{name}' would change the configuration without qmpvm "
+                "recording it; delete and add the item instead"
+            )
+        if self.vmm.machine is None:
+            raise PhaseError(phase_refusal(name, Phase.NO_MACHINE))
+        return await self.vmm.forward(name, schema.check_command(name, dict(arguments)))

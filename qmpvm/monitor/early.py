@@ -30,14 +30,23 @@ if TYPE_CHECKING:
 
 BACKLOG = 128
 
-_NOT_SERVING = frozenset({"-h", "-help", "-version", "-print-qmp"})
+_NO_EARLY_MONITOR = frozenset({"-h", "-help", "-version", "-print-qmp", "-daemonize"})
+"""Options after which nothing is served early: qmpvm exits, or forks first."""
 
-FLAGS = _NOT_SERVING | {"-S", "-preconfig", "-v", "-verbose", "-nographic", "-enable-kvm"}
+FLAGS = _NO_EARLY_MONITOR | {
+    "-S", "-preconfig", "-v", "-verbose", "-nographic", "-enable-kvm", "-daemonize",
+    "-nodefaults", "-no-user-config", "-no-shutdown", "-no-reboot", "-no-acpi", "-no-hpet",
+    "-usb", "-snapshot", "-mem-prealloc", "-s", "-no-quit", "-no-frame", "-full-screen",
+    "-alt-grab", "-ctrl-grab", "-show-cursor", "-portrait", "-win2k-hack", "-no-fd-bootchk",
+    "-only-migratable", "-singlestep", "-enable-sync-profile", "-sdl", "-curses",
+    "-xen-attach", "-xen-domid-restrict", "-async-teardown",
+}  # fmt: skip
 """The command-line options that take no value (``cli`` handles each)."""
 
 
 class Listener:
-    """Where one ``-qmp`` monitor listens: a UNIX path, or a TCP host and port."""
+    """Where one monitor listens: a UNIX path, a TCP host and port, or an
+    inherited listening socket (kind ``fd``, its number in ``path``)."""
 
     __slots__ = ("host", "kind", "path", "port")
 
@@ -51,7 +60,7 @@ class Listener:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        where = self.path if self.kind == "unix" else f"{self.host}:{self.port}"
+        where = self.path if self.kind in ("unix", "fd") else f"{self.host}:{self.port}"
         return f"Listener({self.kind}:{where})"
 
     def _key(self) -> tuple[str, str, str, int]:
@@ -66,7 +75,9 @@ def parse_qmp_spec(spec: str) -> Listener:
         key, _, value = param.partition("=")
         if key == "server" and value not in ("on", ""):
             raise ValueError(f"-qmp {spec}: only server=on is supported")
-        if key not in ("server", "wait"):
+        if key == "wait" and value in ("on", "yes", "true"):
+            raise ValueError(f"-qmp {spec}: qmpvm serves at once and never waits; use wait=off")
+        if key not in ("server", "wait", "nowait"):
             raise ValueError(f"-qmp {spec}: unknown parameter '{key}'")
     if kind == "unix" and where:
         return Listener("unix", path=where)
@@ -91,7 +102,7 @@ def scan_listeners(argv: list[str]) -> list[Listener]:
         if not raw.startswith("-"):
             return []
         option = "-" + raw.lstrip("-")
-        if option in _NOT_SERVING:
+        if option in _NO_EARLY_MONITOR:
             return []
         if option in FLAGS:
             continue
@@ -119,6 +130,10 @@ def bind(listener: Listener) -> _socket.socket:
     """A listening socket; a UNIX one is mode 0600 and appears only once it listens."""
     if listener.kind == "unix":
         return _bind_unix(listener.path)
+    if listener.kind == "fd":
+        sock = _socket.socket(fileno=int(listener.path))
+        sock.listen(BACKLOG)  # libvirt passes it listening; listening again is harmless
+        return sock
     family = _socket.AF_INET6 if ":" in listener.host else _socket.AF_INET
     sock = _socket.socket(family, _socket.SOCK_STREAM)
     try:

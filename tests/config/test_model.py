@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from qmpvm.config.block import fdset_ids
+from qmpvm.config import kinds
 from qmpvm.config.boot import BootSet
-from qmpvm.config.machine import Accel, MachineConfig, MachineSet
-from qmpvm.config.model import Config, make_from_args
-from qmpvm.config.netdev import fd_names
+from qmpvm.config.descriptors import fd_names, fdset_ids
+from qmpvm.config.machine import MachineConfig, MachineSet
+from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind
 from qmpvm.errors import ArgumentError, ConfigError, NotFoundError
 from qmpvm.schema import check
@@ -18,11 +18,11 @@ DISK = {"driver": "raw", "node-name": "d0", "file": {"driver": "file", "filename
 
 
 def add(config: Config, kind: Kind, args: dict[str, object]) -> Config:
-    return config.add(make_from_args(kind, args, config.next_seq))
+    return config.add(kinds.make(kind, args, config.next_seq))
 
 
 def sample() -> Config:
-    config = Config().set_machine(MachineSet(memory=256 << 20, accel=Accel.TCG))
+    config = Config().set_machine({"memory": 256 << 20, "accel": "tcg"})
     config = config.set_boot(BootSet(kernel="/k", append="console=ttyS0"))
     config = add(config, Kind.CHARDEV, RINGBUF)
     config = add(config, Kind.BLOCK, DISK)
@@ -33,7 +33,7 @@ def sample() -> Config:
 
 def test_update_returns_new_value_and_leaves_old_alone() -> None:
     old = Config()
-    new = old.set_machine(MachineSet(cpus=2))
+    new = old.set_machine({"cpus": 2})
     assert old.machine.cpus == 1
     assert new.machine.cpus == 2
     assert new.machine.memory == MachineConfig().memory  # absent keys left as they are
@@ -41,9 +41,9 @@ def test_update_returns_new_value_and_leaves_old_alone() -> None:
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [(MachineSet(memory=1000), "multiple of 1 MiB"), (MachineSet(cpus=0), "between 1 and")],
+    [({"memory": 1000}, "multiple of 1 MiB"), ({"cpus": 0}, "between 1 and")],
 )
-def test_machine_set_refuses_bad_values(change: MachineSet, message: str) -> None:
+def test_machine_set_refuses_bad_values(change: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         Config().set_machine(change)
 
@@ -107,6 +107,7 @@ def test_export_diff_lists_only_what_differs_from_defaults() -> None:
         "memory": 256 << 20,
         "cpus": 1,
         "hotplug-ports": 4,
+        "defaults": False,
     }
     assert Config().export() == []
 
@@ -128,8 +129,8 @@ def test_schema_errors_use_qemu_wording() -> None:
         check(MachineSet, {"cpus": True})
     with pytest.raises(ArgumentError, match="Parameter 'kernel' is missing"):
         check(BootSet, {})
-    with pytest.raises(ArgumentError, match="Parameter 'accel' does not accept value 'hvf'"):
-        check(MachineSet, {"accel": "hvf"})
+    with pytest.raises(ArgumentError, match="Invalid parameter type for 'smp', expected: object"):
+        check(MachineSet, {"smp": 2})
 
 
 def test_fdset_ids_found_in_inline_children() -> None:
@@ -147,3 +148,43 @@ def test_fd_names_of_a_netdev_document() -> None:
     tap = {"type": "tap", "id": "n0", "fd": "tap0", "vhostfds": "v1:v2", "fds": "3:q0"}
     assert fd_names(tap) == ["tap0", "q0", "v1", "v2"]
     assert fd_names({"type": "user", "id": "n1"}) == []
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_an_empty_id_is_refused(kind: Kind) -> None:
+    key = kinds.KINDS[kind].key
+    with pytest.raises(ArgumentError, match=f"Parameter '{key}' must not be empty"):
+        kinds.make(kind, {key: "", "driver": "x"}, 1)
+
+
+def test_a_stored_row_that_no_longer_loads_is_set_aside() -> None:
+    docs = sample().documents()
+    docs["device/bad"] = '{"seq": 2, "args": {"driver": "isa-serial", "id": "bad", "chardev": ""}}'
+    docs["device/worse"] = '{"seq": 3, "args": {"driver": "isa-serial", "chardev": "gone"}}'
+    docs["chardev/broken"] = "not json"
+    loaded = Config.from_documents(docs)
+    assert loaded.find(Kind.BLOCK, "d0") is not None  # the rest comes back
+    assert sorted(loaded.set_aside) == ["chardev/broken", "device/worse"]
+    assert loaded.find(Kind.DEVICE, "bad") is not None  # an empty reference names nothing
+    assert loaded.describe()["set-aside"] == ["chardev/broken", "device/worse"]
+    assert loaded.documents()["device/worse"] == docs["device/worse"]  # kept, not lost
+
+
+def test_references_of_every_kind() -> None:
+    config = add(Config(), Kind.OBJECT, {"qom-type": "secret", "id": "sec0", "data": "x"})
+    config = add(config, Kind.CHARDEV, {"id": "c0", "backend": {"type": "null", "data": {}}})
+    config = add(config, Kind.OBJECT, {"qom-type": "rng-egd", "id": "rng0", "chardev": "c0"})
+    config = add(config, Kind.DRIVE, {"id": "virtio0", "file": "/d", "if": "none"})
+    luks = {"driver": "luks", "node-name": "l0", "key-secret": "sec0",
+            "file": {"driver": "file", "filename": "/l"}}  # fmt: skip
+    config = add(config, Kind.BLOCK, luks)
+    config = add(config, Kind.DEVICE, {"driver": "virtio-blk-pci", "drive": "virtio0"})
+    config = add(config, Kind.DEVICE, {"driver": "virtio-rng-pci", "rng": "rng0", "id": "r"})
+    with pytest.raises(ConfigError, match="Object 'sec0' is in use by block node 'l0'"):
+        config.remove(Kind.OBJECT, "sec0")
+    with pytest.raises(ConfigError, match="Chardev 'c0' is in use by object 'rng0'"):
+        config.remove(Kind.CHARDEV, "c0")
+    with pytest.raises(ConfigError, match="Drive 'virtio0' is in use by device '#6'"):
+        config.remove(Kind.DRIVE, "virtio0")
+    with pytest.raises(NotFoundError, match="Object 'nope' not found"):
+        add(config, Kind.DEVICE, {"driver": "virtio-rng-pci", "rng": "nope"})

@@ -5,14 +5,13 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from qmpvm.config.machine import MachineSet
 from qmpvm.config.model import Config
 from qmpvm.store import DB_NAME, Store
 
 
 def test_store_round_trips_and_writes_only_changes(tmp_path: Path) -> None:
     store = Store(tmp_path)
-    config = Config().set_machine(MachineSet(cpus=4))
+    config = Config().set_machine({"cpus": 4})
     store.commit(config.documents())
     store.close()
     reopened = Store(tmp_path)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from qmpvm.config import kinds
 from qmpvm.config.boot import BootSet
-from qmpvm.config.machine import Accel, MachineSet
-from qmpvm.config.model import Config, make_from_args
+from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind
 from qmpvm.engine.launch import LaunchPlan, build_launch, machine_family
 from qmpvm.errors import ConfigError
@@ -18,7 +18,7 @@ LINK_FD = 9
 
 
 def add(config: Config, kind: Kind, args: dict[str, object]) -> Config:
-    return config.add(make_from_args(kind, args, config.next_seq))
+    return config.add(kinds.make(kind, args, config.next_seq))
 
 
 def launch(
@@ -43,7 +43,7 @@ def values(plan: LaunchPlan, option: str) -> list[str]:
 
 def test_machine_boot_and_resources_in_order() -> None:
     config = Config().set_machine(
-        MachineSet(type="q35", accel=Accel.TCG, memory=256 * MiB, cpus=2, name="vm,1")
+        {"type": "q35", "accel": "tcg", "memory": 256 * MiB, "cpus": 2, "name": "vm,1"}
     )
     config = config.set_boot(BootSet(kernel="/k", initrd="/i", append="console=ttyS0"))
     ringbuf = {"id": "s0", "backend": {"type": "ringbuf", "data": {"size": 4096}}}
@@ -57,8 +57,8 @@ def test_machine_boot_and_resources_in_order() -> None:
         "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-S", "-display", "none"
     )  # fmt: skip
     assert values(plan, "-machine") == ["q35"] and values(plan, "-accel") == ["tcg"]
-    assert values(plan, "-m") == ["256M"] and values(plan, "-smp") == ["2"]
-    assert values(plan, "-name") == ["vm,,1"], "commas doubled in key=value options"
+    assert values(plan, "-m") == ["size=256M"] and values(plan, "-smp") == ["cpus=2"]
+    assert values(plan, "-name") == ["guest=vm,,1"], "commas doubled in key=value options"
     assert values(plan, "-kernel") == ["/k"] and values(plan, "-append") == ["console=ttyS0"]
     assert values(plan, "-chardev") == [
         f"socket,id=qmpvm-link,fd={LINK_FD}",
@@ -67,7 +67,8 @@ def test_machine_boot_and_resources_in_order() -> None:
     assert values(plan, "-mon") == ["chardev=qmpvm-link,mode=control"]
     assert [json.loads(v) for v in values(plan, "-blockdev")] == [disk]
     devices = [json.loads(v) for v in values(plan, "-device")]
-    assert [d["id"] for d in devices] == [f"qmpvm-hp{i}" for i in range(4)] + ["vda"]
+    # the user's devices first: they get the PCI slots QEMU would give them
+    assert [d["id"] for d in devices] == ["vda"] + [f"qmpvm-hp{i}" for i in range(4)]
     assert plan.hotplug_ports == ("qmpvm-hp0", "qmpvm-hp1", "qmpvm-hp2", "qmpvm-hp3")
     assert plan.pass_fds == (LINK_FD,)
     assert plan.after_start == (("set_link", {"name": "vda", "up": False}),)
@@ -79,15 +80,15 @@ def test_machine_boot_and_resources_in_order() -> None:
 def test_hotplug_ports_only_on_q35_as_many_as_configured(
     machine: str, ports: int, expected: int
 ) -> None:
-    plan = launch(Config().set_machine(MachineSet(type=machine, hotplug_ports=ports)))
+    plan = launch(Config().set_machine({"type": machine, "hotplug-ports": ports}))
     assert len(plan.hotplug_ports) == expected
     roots = [json.loads(v) for v in values(plan, "-device")]
-    assert [d["chassis"] for d in roots] == list(range(1, expected + 1))
+    assert [d["chassis"] for d in roots] == list(range(0x40, 0x40 + expected))
 
 
 def test_hotplug_ports_are_bounded() -> None:
     with pytest.raises(ConfigError, match="'hotplug-ports' must be between 0 and"):
-        Config().set_machine(MachineSet(hotplug_ports=100))
+        Config().set_machine({"hotplug-ports": 100})
 
 
 def test_passed_descriptors_are_inherited_and_named_by_number() -> None:
@@ -112,3 +113,54 @@ def test_a_missing_descriptor_is_named() -> None:
 )
 def test_machine_family(machine: str, family: str) -> None:
     assert machine_family(machine) == family
+
+
+def test_every_machine_setting_becomes_its_engine_option() -> None:
+    config = Config().set_machine(
+        {
+            "type": "pc",
+            "properties": {"usb": False, "dump-guest-core": False},
+            "accel": "kvm:tcg",
+            "accel-properties": {"tb-size": 64},
+            "cpus": 4,
+            "smp": {"sockets": 2, "cores": 2},
+            "maxmem": 4 << 30,
+            "memory-slots": 8,
+            "name-options": {"debug-threads": True},
+            "cpu": {"model": "qemu64", "vmx": "off"},
+            "defaults": True,
+            "boot": {"strict": True},
+            "numa": [{"type": "node", "nodeid": 0, "cpus": ["0-1", "3"]}],
+            "global": [{"driver": "cfi.pflash01", "property": "secure", "value": "on"}],
+            "action": {"shutdown": "pause"},
+            "uuid": "c7a5fdbd-edaf-9455-926a-d65c16db1809",
+            "snapshot": True,
+        }
+    )
+    argv = launch(config).argv
+    assert "-nodefaults" not in argv
+    assert values(launch(config), "-machine") == ["pc,usb=off,dump-guest-core=off"]
+    assert values(launch(config), "-accel") == ["tcg,tb-size=64"]  # launch() picks tcg
+    assert values(launch(config), "-smp") == ["cpus=4,sockets=2,cores=2"]
+    assert values(launch(config), "-m") == ["size=128M,slots=8,maxmem=4294967296"]
+    assert values(launch(config), "-cpu") == ["qemu64,vmx=off"]
+    assert values(launch(config), "-numa") == ["node,nodeid=0,cpus=0-1,cpus=3"]
+    assert values(launch(config), "-global") == ["driver=cfi.pflash01,property=secure,value=on"]
+    assert values(launch(config), "-action") == ["shutdown=pause"]
+    assert values(launch(config), "-boot") == ["strict=on"]
+    assert "-snapshot" in argv
+
+
+def test_drives_and_chardevs_in_qemus_key_value_form() -> None:
+    config = add(Config(), Kind.DRIVE, {"id": "virtio0", "file": "/a,b", "if": "virtio"})
+    listen = {"id": "c0", "backend": {"type": "socket", "data": {
+        "addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "4444"}}}}}  # fmt: skip
+    connect = {"id": "c1", "backend": {"type": "socket", "data": {"server": False,
+        "addr": {"type": "unix", "data": {"path": "/s"}}, "reconnect": 10}}}  # fmt: skip
+    config = add(add(config, Kind.CHARDEV, listen), Kind.CHARDEV, connect)
+    plan = launch(config)
+    assert values(plan, "-drive") == ["id=virtio0,file=/a,,b,if=virtio"]
+    assert values(plan, "-chardev")[1:] == [
+        "socket,id=c0,host=127.0.0.1,port=4444,server=on,wait=off",  # QMP's defaults, made explicit
+        "socket,id=c1,server=off,reconnect=10,path=/s",
+    ]

@@ -1,0 +1,651 @@
+"""QEMU's command line -> the QMP commands it stands for.
+
+``OPTIONS`` is the whole of ``qemu-system-x86_64`` 7.2's option list as one
+table: each option is translated (into machine settings, resources, or a
+setting of the qmpvm process) or refused with the reason; none is taken and
+dropped.  The machine's own options come from the settings table
+(``qmpvm.config.machine``), so an option and its ``machine-set`` member are
+declared once.
+
+Theory of operation: options are read in order into one set of machine
+settings, a boot source, and resources; at the end the resources are put in
+the order QEMU creates them (objects, chardevs, block nodes, drives,
+netdevs, devices), moving an item after the items it names, so a device may
+name a chardev given after it, as QEMU allows.  Text values are typed as
+the engine's schema says (``Typer``), which is what QEMU's keyval parsing
+does; the parsing itself is pure.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import NoReturn, Protocol
+
+from qmpvm.config import chardev, kinds
+from qmpvm.config.machine import SETTINGS
+from qmpvm.config.resource import Kind
+from qmpvm.errors import ArgumentError
+from qmpvm.keyval import parse, split
+from qmpvm.monitor.early import Listener, parse_qmp_spec
+
+from . import sugar
+
+
+class Start(StrEnum):
+    RUN = "run"  # machine-init + cont
+    PAUSED = "paused"  # machine-init only (-S)
+    PRECONFIG = "preconfig"  # neither
+
+
+@dataclass(slots=True, kw_only=True)
+class InheritedFd:
+    """``-add-fd fd=N,set=S,opaque=O``: a descriptor qmpvm was started with."""
+
+    fd: int
+    set: int
+    opaque: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class Options:
+    commands: list[dict[str, object]] = field(default_factory=list)
+    listeners: list[Listener] = field(default_factory=list)
+    inherited_fds: list[InheritedFd] = field(default_factory=list)
+    start: Start = Start.RUN
+    state_dir: str | None = None
+    config_file: str | None = None
+    pidfile: str | None = None
+    daemonize: bool = False
+    ready_fd: int | None = None  # -daemonize: written to once the machine is ready
+    print_qmp: bool = False
+    engine: str = "qemu-system-x86_64"
+    engine_help: list[str] | None = None  # "-device help": the engine answers it
+    verbosity: int = 0
+
+    def machine_commands(self) -> list[dict[str, object]]:
+        """The option commands plus creation, as the start mode asks."""
+        tail: list[dict[str, object]] = []
+        if self.start is not Start.PRECONFIG:
+            tail.append({"execute": "machine-init"})
+        if self.start is Start.RUN:
+            tail.append({"execute": "cont"})
+        return self.commands + tail
+
+
+class UsageError(Exception):
+    """A bad command line: one line for stderr."""
+
+
+class Typer(Protocol):
+    """Types key=value text as the engine would (strings -> bools, numbers, lists)."""
+
+    def command(self, command: str, tree: dict[str, object]) -> dict[str, object]:
+        """``tree`` typed as the arguments of the engine's ``command``."""
+        ...
+
+    def group(self, group: str, tree: dict[str, object]) -> dict[str, object]:
+        """``tree`` typed by the engine's ``query-command-line-options`` ``group``."""
+        ...
+
+
+class Untyped:
+    """The typer without an engine: text stays text, the engine checks it later."""
+
+    def command(self, command: str, tree: dict[str, object]) -> dict[str, object]:
+        return tree
+
+    def group(self, group: str, tree: dict[str, object]) -> dict[str, object]:
+        return tree
+
+
+Handler = Callable[["Translator", str, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    handler: Handler | None  # None: refused, with ``doc`` as the reason
+    takes_value: bool
+    doc: str = ""
+
+
+_HELP_VALUES = ("help", "?")
+_DEFAULT_IF = {"q35": "ide", "pc": "ide", "microvm": "virtio", "isapc": "ide"}
+
+
+class Translator:
+    """One command line's translation; ``OPTIONS`` dispatches to its methods."""
+
+    def __init__(self, typer: Typer) -> None:
+        self.typer = typer
+        self.options = Options()
+        self.settings: dict[str, object] = {}
+        self.boot: dict[str, object] = {}
+        self.resources: list[tuple[Kind, dict[str, object]]] = []
+        self.deferred_devices: list[dict[str, object]] = []
+        self.monitors: list[str] = []  # chardev ids that -mon makes QMP monitors
+        self.drives: list[tuple[str, int, int]] = []
+        self.defaults = True
+        self.counter = 0
+
+    # -- helpers ---------------------------------------------------------
+
+    def fail(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+    def next_id(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter - 1}"
+
+    def add(self, kind: Kind, args: dict[str, object]) -> None:
+        self.resources.append((kind, args))
+
+    def set(self, name: str, value: object) -> None:
+        setting = SETTINGS[name]
+        if setting.shape in ("objects", "strs"):
+            listed = self.settings.setdefault(name, [])
+            assert isinstance(listed, list)
+            listed.append(value)
+        elif setting.shape == "object" and isinstance(value, dict):
+            merged = self.settings.setdefault(name, {})
+            assert isinstance(merged, dict)
+            merged.update(value)
+        else:
+            self.settings[name] = value
+
+    def structured(self, text: str, implied: str | None) -> tuple[dict[str, object], bool]:
+        """A JSON object or key=value text (parsed, untyped); and whether it was JSON."""
+        if text.lstrip().startswith("{"):
+            try:
+                value = json.loads(text)
+            except ValueError as err:
+                self.fail(f"invalid JSON: {err}")
+            if not isinstance(value, dict):
+                self.fail("a JSON option must be an object")
+            return value, True
+        return parse(text, implied), False
+
+    def machine_type(self) -> str:
+        return str(self.settings.get("type", "q35"))
+
+    # -- the machine -----------------------------------------------------
+
+    def machine(self, option: str, value: str) -> None:
+        tree = self.typer.group("machine", parse(value, "type"))
+        for key in ("type", "accel"):
+            if key in tree:
+                self.set(key, str(tree.pop(key)))
+        if tree:
+            self.set("properties", tree)
+
+    def accel(self, option: str, value: str) -> None:
+        tree = parse(value, "accel")
+        name = str(tree.pop("accel"))
+        old = self.settings.get("accel")
+        self.set("accel", f"{old}:{name}" if option == "-accel" and old else name)
+        if tree:
+            self.set("accel-properties", tree)
+
+    def enable_kvm(self, option: str, value: str) -> None:
+        self.set("accel", "kvm")
+
+    def memory(self, option: str, value: str) -> None:
+        tree = parse(value, "size")
+        for key, setting, unit in (("size", "memory", "M"), ("maxmem", "maxmem", ""),
+                                   ("slots", "memory-slots", None)):  # fmt: skip
+            if key in tree:
+                text = str(tree.pop(key))
+                number = sugar.parse_size(text, unit) if unit is not None else _int(text)
+                self.set(setting, number)
+        if tree:
+            self.fail(f"-m: unknown parameter '{next(iter(tree))}'")
+
+    def smp(self, option: str, value: str) -> None:
+        tree = {k: _int(str(v)) for k, v in parse(value, "cpus").items()}
+        if "cpus" in tree:
+            self.set("cpus", tree.pop("cpus"))
+        if tree:
+            self.set("smp", tree)
+
+    def name(self, option: str, value: str) -> None:
+        tree = self.typer.group("name", parse(value, "guest"))
+        if "guest" in tree:
+            self.set("name", str(tree.pop("guest")))
+        if tree:
+            self.set("name-options", tree)
+
+    def cpu(self, option: str, value: str) -> None:
+        model, *features = split(value)
+        tree: dict[str, object] = {"model": model}
+        for feature in features:
+            if feature[:1] in "+-" and "=" not in feature:
+                tree[feature[1:]] = "on" if feature[0] == "+" else "off"
+            else:
+                key, _, text = feature.partition("=")
+                tree[key] = text
+        self.set("cpu", tree)
+
+    def setting(self, option: str, value: str) -> None:
+        """An option that is one machine setting, as the settings table says."""
+        setting = _SETTING_OF[option]
+        if setting.shape == "bool":
+            self.set(setting.name, True)
+        elif setting.shape in ("str", "strs"):
+            self.set(setting.name, value)
+        else:
+            repeats = setting.name == "numa"
+            if value.lstrip().startswith("{"):
+                tree, _ = self.structured(value, setting.implied)
+            else:
+                tree = parse(value, setting.implied, repeats=repeats)
+            if setting.group is not None:
+                tree = self.typer.group(setting.group, tree)
+            self.set(setting.name, tree)
+
+    def machine_property(self, option: str, value: str) -> None:
+        prop, on = _PROPERTY_FLAGS[option]
+        self.set("properties", {prop: on})
+
+    def action(self, option: str, value: str) -> None:
+        actions = {"-no-shutdown": {"shutdown": "pause"}, "-no-reboot": {"reboot": "shutdown"}}
+        self.set("action", actions.get(option) or {"watchdog": value})
+
+    def nodefaults(self, option: str, value: str) -> None:
+        self.defaults = False
+
+    def implied(self, option: str, value: str) -> None:
+        """Options whose meaning is what qmpvm always does (see the table)."""
+
+    def display_none(self, option: str, value: str) -> None:
+        self.set("display", {"type": "none"})
+
+    def boot_source(self, option: str, value: str) -> None:
+        self.boot[option.lstrip("-")] = value
+
+    # -- resources -------------------------------------------------------
+
+    def object_(self, option: str, value: str) -> None:
+        tree, is_json = self.structured(value, "qom-type")
+        self.add(Kind.OBJECT, tree if is_json else self.typer.command("object-add", tree))
+
+    def chardev(self, option: str, value: str) -> None:
+        tree = self.typer.group("chardev", parse(value, "backend"))
+        try:
+            self.add(Kind.CHARDEV, chardev.from_legacy(tree))
+        except ArgumentError as err:
+            self.fail(err.desc)
+
+    def blockdev(self, option: str, value: str) -> None:
+        tree, is_json = self.structured(value, None)
+        self.add(Kind.BLOCK, tree if is_json else self.typer.command("blockdev-add", tree))
+
+    def netdev(self, option: str, value: str) -> None:
+        if value.lstrip().startswith("{"):
+            tree, _ = self.structured(value, None)
+            self.add(Kind.NETDEV, tree)
+            return
+        repeated: dict[str, list[dict[str, object]]] = {}
+        kept = []
+        for item in split(value):
+            key, _, text = item.partition("=")
+            if key in ("hostfwd", "guestfwd"):
+                repeated.setdefault(key, []).append({"str": text})
+            else:
+                kept.append(item.replace(",", ",,"))
+        tree = parse(",".join(kept), "type")
+        typed = self.typer.command("netdev_add", tree)
+        self.add(Kind.NETDEV, {**typed, **repeated})
+
+    def device(self, option: str, value: str) -> None:
+        tree, _ = self.structured(value, "driver")
+        if str(tree.get("driver")) in _HELP_VALUES:
+            self.engine_help(option, value)
+        self.add(Kind.DEVICE, tree)
+
+    def drive(self, option: str, value: str) -> None:
+        tree = self.typer.group("drive", parse(value, "file"))
+        self.add_drive(tree)
+
+    def add_drive(self, tree: dict[str, object]) -> None:
+        family = self.machine_type().split("-")[0]
+        default_if = _DEFAULT_IF.get(family, "ide")
+        if "id" not in tree:
+            tree["id"], bus, unit = sugar.drive_id(tree, default_if, self.drives)
+        else:
+            _name, bus, unit = sugar.drive_id(tree, default_if, self.drives)
+        self.drives.append((str(tree.get("if", default_if)), bus, unit))
+        self.add(Kind.DRIVE, tree)
+
+    def drive_shorthand(self, option: str, value: str) -> None:
+        interface, index, media = _DRIVE_SHORTHANDS[option]
+        tree: dict[str, object] = {"file": value}
+        if interface is not None:
+            tree["if"] = interface
+        if index is not None:
+            tree["index"] = index
+        if media is not None:
+            tree["media"] = media
+        self.add_drive(tree)
+
+    def serial(self, option: str, value: str) -> None:
+        if value == "none":
+            return
+        driver = "isa-serial" if option == "-serial" else "isa-parallel"
+        if value.startswith("chardev:"):
+            chardev_id = value.removeprefix("chardev:")
+        else:
+            if value.startswith("mon:"):
+                self.fail(f"{option} {value}: HMP monitors are not offered (QMP is: -qmp)")
+            chardev_id = self.next_id(option.lstrip("-"))
+            tree = self.typer.group("chardev", sugar.chardev_spec(value, chardev_id))
+            self.add(Kind.CHARDEV, chardev.from_legacy(tree))
+        self.add(Kind.DEVICE, {"driver": driver, "chardev": chardev_id})
+
+    def watchdog(self, option: str, value: str) -> None:
+        self.add(Kind.DEVICE, {"driver": value})
+
+    # -- the qmpvm process -------------------------------------------------
+
+    def qmp(self, option: str, value: str) -> None:
+        try:
+            self.options.listeners.append(parse_qmp_spec(value))
+        except ValueError as err:
+            self.fail(str(err))
+
+    def mon(self, option: str, value: str) -> None:
+        tree = parse(value, "chardev")
+        mode = tree.get("mode", "readline")
+        if mode != "control":
+            self.fail(f"-mon mode={mode}: HMP monitors are not offered (use mode=control)")
+        if tree.get("pretty") in ("on", "true", "yes"):
+            self.fail("-mon pretty=on: pretty-printed QMP is not offered")
+        self.monitors.append(str(tree["chardev"]))
+
+    def monitor(self, option: str, value: str) -> None:
+        if value != "none":
+            self.fail(f"{option} {value}: HMP monitors are not offered (QMP is: -qmp)")
+
+    def add_fd(self, option: str, value: str) -> None:
+        tree = parse(value)
+        try:
+            opaque = tree.get("opaque")
+            inherited = InheritedFd(
+                fd=_int(str(tree["fd"])),
+                set=_int(str(tree["set"])),
+                opaque=None if opaque is None else str(opaque),
+            )
+            self.options.inherited_fds.append(inherited)
+        except KeyError as err:
+            self.fail(f"-add-fd: parameter {err} is required")
+
+    def start_mode(self, option: str, value: str) -> None:
+        if option == "-S" and self.options.start is Start.RUN:
+            self.options.start = Start.PAUSED
+        elif option == "-preconfig":
+            self.options.start = Start.PRECONFIG
+
+    def process(self, option: str, value: str) -> None:
+        opts = self.options
+        if option == "-state-dir":
+            opts.state_dir = value
+        elif option == "-config":
+            opts.config_file = value
+        elif option == "-engine":
+            opts.engine = value
+        elif option == "-pidfile":
+            opts.pidfile = value
+        elif option == "-daemonize":
+            opts.daemonize = True
+        elif option == "-print-qmp":
+            opts.print_qmp = True
+        elif option in ("-v", "-verbose"):
+            opts.verbosity += 1
+
+    def hotplug_ports(self, option: str, value: str) -> None:
+        self.set("hotplug-ports", _int(value))
+
+    def engine_help(self, option: str, value: str) -> None:
+        self.options.engine_help = [option, value] if value else [option]
+        raise _HelpRequestedError
+
+    # -- the end ---------------------------------------------------------
+
+    def finish(self) -> Options:
+        opts = self.options
+        resources = self.resources
+        for chardev_id in self.monitors:
+            found = [a for k, a in resources if k is Kind.CHARDEV and a.get("id") == chardev_id]
+            if not found:
+                self.fail(f"-mon: chardev '{chardev_id}' not found")
+            opts.listeners.append(_monitor_listener(found[0]))
+            resources = [(k, a) for k, a in resources if a is not found[0]]
+        if self.defaults:
+            self.settings["defaults"] = True
+        if self.settings:
+            opts.commands.append(_cmd("machine-set", self.settings))
+        if self.boot:
+            if "kernel" not in self.boot:
+                self.fail("-initrd and -append need -kernel")
+            opts.commands.append(_cmd("boot-set", self.boot))
+        for kind, args in creation_order(resources):
+            opts.commands.append(_cmd(kinds.KINDS[kind].add, args))
+        return opts
+
+
+class _HelpRequestedError(Exception):
+    """``-device help`` and the like: the engine itself answers."""
+
+
+def creation_order(
+    resources: list[tuple[Kind, dict[str, object]]],
+) -> list[tuple[Kind, dict[str, object]]]:
+    """By kind as QEMU creates them, each item after the items it names."""
+    pending = sorted(resources, key=lambda item: list(Kind).index(item[0]))
+    defined = {(kind, str(args.get(kinds.KINDS[kind].key))) for kind, args in pending}
+    done: set[tuple[Kind, str]] = set()
+
+    def ready(kind: Kind, args: Mapping[str, object]) -> bool:
+        for allowed, name in kinds.references(kind, args):
+            named = [(k, name) for k in allowed]
+            if any(n in defined for n in named) and not any(n in done for n in named):
+                return False
+        return True
+
+    out: list[tuple[Kind, dict[str, object]]] = []
+    while pending:
+        index = next((i for i, (k, a) in enumerate(pending) if ready(k, a)), 0)
+        kind, args = pending.pop(index)
+        out.append((kind, args))
+        done.add((kind, str(args.get(kinds.KINDS[kind].key))))
+    return out
+
+
+def _monitor_listener(args: Mapping[str, object]) -> Listener:
+    """The QMP monitor a ``-mon chardev=X,mode=control`` asks for, from chardev X."""
+    backend, data = chardev.backend_of(args)
+    addr = data.get("addr")
+    if backend != "socket" or not isinstance(addr, dict):
+        raise UsageError(f"-mon: chardev '{args.get('id')}' must be a socket")
+    if not data.get("server"):
+        raise UsageError(f"-mon: chardev '{args.get('id')}' must listen (server=on)")
+    where = addr.get("data", {})
+    assert isinstance(where, dict)
+    if addr.get("type") == "unix":
+        return Listener("unix", path=str(where["path"]))
+    if addr.get("type") == "fd":
+        return Listener("fd", path=str(where["str"]))
+    return Listener("tcp", host=str(where.get("host") or "127.0.0.1"), port=int(where["port"]))
+
+
+def _cmd(name: str, arguments: dict[str, object]) -> dict[str, object]:
+    return {"execute": name, "arguments": arguments}
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise UsageError(f"invalid number '{text}'") from None
+
+
+_PROPERTY_FLAGS = {"-no-acpi": ("acpi", "off"), "-no-hpet": ("hpet", "off"), "-usb": ("usb", "on")}
+_DRIVE_SHORTHANDS: Mapping[str, tuple[str | None, int | None, str | None]] = {
+    "-hda": (None, 0, None), "-hdb": (None, 1, None), "-hdc": (None, 2, None),
+    "-hdd": (None, 3, None), "-cdrom": (None, 2, "cdrom"), "-fda": ("floppy", 0, None),
+    "-fdb": ("floppy", 1, None), "-mtdblock": ("mtd", None, None), "-sd": ("sd", None, None),
+    "-pflash": ("pflash", None, None),
+}  # fmt: skip
+_SETTING_OF = {s.option: s for s in SETTINGS.values() if s.option is not None}
+
+T = Translator
+_REFUSED = {
+    "-monitor-pretty": "pretty-printed QMP is not offered",
+    "-qmp-pretty": "pretty-printed QMP is not offered; use -qmp",
+    "-runas": "the engine's confinement is qmpvm's to set up",
+    "-chroot": "the engine's confinement is qmpvm's to set up",
+    "-set": "change the option itself instead",
+    "-readconfig": "replay a config-export with --config instead",
+    "-D": "engine debugging options are not offered",
+    "-d": "engine debugging options are not offered",
+    "-dfilter": "engine debugging options are not offered",
+    "-trace": "engine debugging options are not offered",
+    "-singlestep": "engine debugging options are not offered",
+    "-dump-vmstate": "engine debugging options are not offered",
+    "-enable-sync-profile": "engine debugging options are not offered",
+    "-plugin": "TCG plugins are not offered",
+    "-semihosting": "not an x86 option",
+    "-semihosting-config": "not an x86 option",
+    "-xen-domid": "Xen is not an engine qmpvm drives",
+    "-xen-attach": "Xen is not an engine qmpvm drives",
+    "-xen-domid-restrict": "Xen is not an engine qmpvm drives",
+    "-full-screen": "graphical user interfaces are not offered",
+    "-g": "graphical user interfaces are not offered",
+    "-portrait": "graphical user interfaces are not offered",
+    "-rotate": "graphical user interfaces are not offered",
+    "-alt-grab": "graphical user interfaces are not offered",
+    "-ctrl-grab": "graphical user interfaces are not offered",
+    "-no-quit": "graphical user interfaces are not offered",
+    "-no-frame": "graphical user interfaces are not offered",
+    "-sdl": "graphical user interfaces are not offered",
+    "-curses": "graphical user interfaces are not offered",
+    "-show-cursor": "graphical user interfaces are not offered",
+    "-echr": "HMP monitors are not offered",
+    "-gdb": "the engine's gdb stub is not offered",
+    "-s": "the engine's gdb stub is not offered",
+    "-compat": "deprecation policy options are not offered",
+    "-only-migratable": "not offered yet",
+    "-async-teardown": "not an option of QEMU 7.2",
+    "-old-param": "not an x86 option",
+    "-win2k-hack": "removed from QEMU",
+    "-no-fd-bootchk": "removed from QEMU",
+    "-soundhw": "removed from QEMU: use -device",
+    "-acpitable": "not offered yet",
+}
+
+OPTIONS: dict[str, Option] = {
+    # the qmpvm process
+    "-qmp": Option(T.qmp, True, "unix:PATH,server=on,wait=off | tcp:HOST:PORT,... | repeatable"),
+    "-mon": Option(T.mon, True, "chardev=ID,mode=control: a QMP monitor on socket chardev ID"),
+    "-monitor": Option(T.monitor, True, "none (HMP monitors are not offered)"),
+    "-S": Option(T.start_mode, False, "create the machine, do not start it"),
+    "-preconfig": Option(T.start_mode, False, "do not create the machine until machine-init"),
+    "-state-dir": Option(T.process, True, "DIR: keep the configuration in DIR"),
+    "-config": Option(T.process, True, "FILE: replay QMP commands from FILE"),
+    "-engine": Option(T.process, True, "PATH: the QEMU binary"),
+    "-pidfile": Option(T.process, True, "FILE: write qmpvm's pid to FILE"),
+    "-daemonize": Option(T.process, False, "detach once the monitor and machine are ready"),
+    "-print-qmp": Option(T.process, False, "print the QMP commands of the options; exit"),
+    "-v": Option(T.process, False, "log more (twice: wire traffic)"),
+    "-verbose": Option(T.process, False, "log more"),
+    "-hotplug-ports": Option(T.hotplug_ports, True, "N: q35 root ports for hot-plug"),
+    "-add-fd": Option(T.add_fd, True, "fd=N,set=S[,opaque=O]: an inherited descriptor"),
+    "-nodefaults": Option(T.nodefaults, False, "no default devices"),
+    "-no-user-config": Option(T.implied, False, "always so: the engine reads no user config"),
+    # the machine
+    "-M": Option(T.machine, True, "TYPE[,accel=A][,PROPERTY=V...]"),
+    "-machine": Option(T.machine, True, "TYPE[,accel=A][,PROPERTY=V...]"),
+    "-accel": Option(T.accel, True, "A[,PROPERTY=V...]; repeat for a fallback list"),
+    "-enable-kvm": Option(T.enable_kvm, False, "-accel kvm"),
+    "-m": Option(T.memory, True, "[size=]SIZE[,slots=N,maxmem=SIZE]"),
+    "-smp": Option(T.smp, True, "[cpus=]N[,sockets=,dies=,clusters=,cores=,threads=,maxcpus=]"),
+    "-name": Option(T.name, True, "[guest=]NAME[,process=P][,debug-threads=on]"),
+    "-cpu": Option(T.cpu, True, "MODEL[,+FEATURE|-FEATURE|FEATURE=V...]"),
+    "-no-shutdown": Option(T.action, False, "-action shutdown=pause"),
+    "-no-reboot": Option(T.action, False, "-action reboot=shutdown"),
+    "-watchdog-action": Option(T.action, True, "-action watchdog=ACTION"),
+    "-no-acpi": Option(T.machine_property, False, "-machine acpi=off"),
+    "-no-hpet": Option(T.machine_property, False, "-machine hpet=off"),
+    "-usb": Option(T.machine_property, False, "-machine usb=on"),
+    "-nographic": Option(T.display_none, False, "-display none"),
+    "-kernel": Option(T.boot_source, True, "FILE"),
+    "-initrd": Option(T.boot_source, True, "FILE"),
+    "-append": Option(T.boot_source, True, "CMDLINE"),
+    "-dtb": Option(None, True, "device trees are not used on x86"),
+    # resources
+    "-object": Option(T.object_, True, "TYPE,id=ID,...|JSON: object-add"),
+    "-chardev": Option(T.chardev, True, "BACKEND,id=ID,...: chardev-add"),
+    "-blockdev": Option(T.blockdev, True, "OPTIONS|JSON: blockdev-add"),
+    "-drive": Option(T.drive, True, "OPTIONS: drive-add"),
+    "-netdev": Option(T.netdev, True, "TYPE,id=ID,...|JSON: netdev_add"),
+    "-device": Option(T.device, True, "DRIVER,...|JSON: device_add"),
+    "-serial": Option(T.serial, True, "chardev:ID|file:F|unix:P|tcp:H:P|pty|null|none..."),
+    "-parallel": Option(T.serial, True, "as -serial"),
+    "-watchdog": Option(T.watchdog, True, "MODEL: -device MODEL"),
+    **{name: Option(T.drive_shorthand, True, "FILE: -drive") for name in _DRIVE_SHORTHANDS},
+    **{
+        s.option: Option(T.setting, s.shape != "bool", f"machine-set '{s.name}'")
+        for s in SETTINGS.values()
+        if s.option is not None and s.option != "-cpu"
+    },
+    **{name: Option(None, True, reason) for name, reason in _REFUSED.items()},
+}
+for _flag in ("-s", "-no-quit", "-no-frame", "-full-screen", "-alt-grab", "-ctrl-grab",
+              "-show-cursor", "-portrait", "-win2k-hack", "-no-fd-bootchk", "-only-migratable",
+              "-singlestep", "-enable-sync-profile", "-sdl", "-curses", "-xen-attach",
+              "-xen-domid-restrict", "-async-teardown"):  # fmt: skip
+    OPTIONS[_flag] = Option(None, False, _REFUSED[_flag])
+
+FLAGS = frozenset(name for name, option in OPTIONS.items() if not option.takes_value) | {
+    "-h", "-help", "-version",
+}  # fmt: skip
+"""Options that take no value (``qmpvm.monitor.early`` keeps a copy)."""
+
+
+def translate(argv: list[str], typer: Typer | None = None) -> Options:
+    """``argv`` as ``Options``; UsageError names the option that is refused."""
+    translator = Translator(typer or Untyped())
+    args = iter(argv)
+    for raw in args:
+        option = "-" + raw.lstrip("-") if raw.startswith("-") else raw
+        spec = OPTIONS.get(option)
+        if spec is None:
+            translator.fail(f"unknown option '{raw}' (see --help)")
+        value = ""
+        if spec.takes_value:
+            value = next(args, None)  # type: ignore[assignment]
+            if value is None:
+                translator.fail(f"option {option} requires an argument")
+        if spec.handler is None:
+            translator.fail(f"{option}: not supported: {spec.doc}")
+        if value in _HELP_VALUES and option not in ("-append", "-name", "-kernel"):
+            try:
+                translator.engine_help(option, value)
+            except _HelpRequestedError:
+                return translator.options
+        try:
+            spec.handler(translator, option, value)
+        except _HelpRequestedError:
+            return translator.options
+        except ArgumentError as err:
+            translator.fail(f"{option}: {err.desc}")
+    return translator.finish()
+
+
+def option_lines() -> Iterator[str]:
+    """``--help``'s list of machine options, from the table."""
+    for name, spec in sorted(OPTIONS.items()):
+        if spec.handler is not None and spec.doc:
+            arg = " ARG" if spec.takes_value else ""
+            yield f"  {name}{arg:<4} {spec.doc}"

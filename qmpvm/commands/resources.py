@@ -1,0 +1,244 @@
+"""Every resource kind through one add and one delete handler.
+
+The kinds table (``qmpvm.config.kinds``) says what differs between kinds;
+what is the same is here: check, record in the store and make on the live
+machine together or not at all, refuse a boot-only kind once the machine
+exists, hand the engine the descriptors an item names, and put a device
+that is hot-plugged on q35 into a free root port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from qmpvm.commands.common import REGISTRY, change
+from qmpvm.config import kinds
+from qmpvm.config.descriptors import fd_names, fdset_ids
+from qmpvm.config.kinds import BY_COMMAND, KINDS
+from qmpvm.config.resource import Kind
+from qmpvm.engine.launch import NO_HOTPLUG_MACHINES, machine_family
+from qmpvm.errors import ArgumentError, ConfigError, NotFoundError
+from qmpvm.keyval import coerce_property
+from qmpvm.monitor.dispatch import ENGINE_ARGS, Call
+from qmpvm.schema import to_json
+from qmpvm.vmm import Vmm
+
+DEVICE_ALIASES: Mapping[str, str] = {
+    "ac97": "AC97", "e1000-82540em": "e1000", "es1370": "ES1370", "ahci": "ich9-ahci",
+    "lsi": "lsi53c895a",
+    **{f"virtio-{name}": f"virtio-{name}-pci" for name in (
+        "9p", "balloon", "blk", "gpu", "input-host", "iommu", "keyboard", "mouse", "net",
+        "rng", "scsi", "serial", "tablet",
+    )},
+}  # fmt: skip
+"""QEMU's device aliases on x86 (qdev-monitor.c): not in any introspection answer."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceAdd:
+    """QEMU marks device_add 'gen': false: any property may follow (``extra_members``)."""
+
+    driver: str
+    id: str | None = None
+    bus: str | None = None
+    extra_members: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DriveAdd:
+    """``-drive`` as a command: QEMU's drive options, created at machine start."""
+
+    id: str
+    extra_members: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DriveDel:
+    id: str
+
+
+async def add(call: Call) -> object:
+    spec = BY_COMMAND[call.name]
+    vmm = call.vmm
+    args = dict(call.args) if isinstance(call.args, dict) else to_json(call.args)
+    if spec.kind is Kind.DEVICE:
+        args = await _typed_device(vmm, args)
+    if spec.kind is Kind.BLOCK and "node-name" not in args:
+        raise ArgumentError("'node-name' must be specified for the root node")
+    if vmm.machine is not None and not spec.hot:
+        raise ConfigError(
+            f"'{spec.add}' is boot-only and the machine exists; it is only allowed "
+            "before machine-init"
+        )
+    names = fd_names(args) if spec.kind is Kind.NETDEV else []
+    for name in names:
+        if name not in vmm.fds.named:
+            raise ConfigError(f"File descriptor named '{name}' has not been found")
+    key = args.get(spec.key)
+
+    async def on_engine() -> object:
+        engine = vmm.engine()
+        for name in names:
+            await engine.execute("getfd", {"fdname": name}, fds=[vmm.fds.named[name].fd])
+        await _share_fdsets(vmm, fdset_ids(args))
+        live = dict(args)
+        if spec.kind is Kind.DEVICE:
+            bus = _hotplug_bus(vmm, live)
+            if bus is not None and bus != live.get("bus"):
+                live["bus"] = bus
+                # a device without id can never be unplugged: its port stays taken
+                engine.port_users[bus] = str(key or "(no id)")
+        return await engine.execute(spec.add, live)
+
+    async def undo() -> object:
+        return await vmm.engine().execute(spec.delete, {spec.delete_key: key})
+
+    result = await change(
+        vmm,
+        lambda c: c.add(kinds.make(spec.kind, args, c.next_seq)),
+        on_engine=on_engine,
+        undo=undo if isinstance(key, str) else None,
+    )
+    return result if spec.kind is Kind.CHARDEV else {}
+
+
+async def delete(call: Call) -> object:
+    spec = BY_COMMAND[call.name]
+    vmm = call.vmm
+    args = dict(call.args) if isinstance(call.args, dict) else to_json(call.args)
+    key = str(args[spec.delete_key])
+    if vmm.machine is not None and not spec.hot:
+        raise ConfigError(f"'{spec.delete}' is boot-only and the machine exists")
+    if spec.kind is Kind.DEVICE and vmm.machine is not None:
+        return await _unplug(vmm, key)
+    await change(
+        vmm,
+        lambda c: c.remove(spec.kind, key),
+        on_engine=lambda: vmm.engine().execute(spec.delete, {spec.delete_key: key}),
+    )
+    return {}
+
+
+_OWN_ARGS: Mapping[Kind, tuple[type, type | str]] = {
+    Kind.DEVICE: (DeviceAdd, ENGINE_ARGS),
+    Kind.DRIVE: (DriveAdd, DriveDel),
+}
+"""Kinds whose add is not checked by the engine's schema: device_add is
+'gen': false there, and drive-add is qmpvm's own."""
+
+for _spec in KINDS.values():
+    _add_args, _del_args = _OWN_ARGS.get(_spec.kind, (ENGINE_ARGS, ENGINE_ARGS))
+    REGISTRY.command(_spec.add, args=_add_args, returns=object)(add)
+    REGISTRY.command(_spec.delete, args=_del_args)(delete)
+
+
+async def _typed_device(vmm: Vmm, args: dict[str, object]) -> dict[str, object]:
+    """The driver checked against the engine's device types; text values typed
+    from the engine's property types (QMP's device_add takes text for any
+    property, the engine's JSON ``-device`` does not)."""
+    caps = await vmm.capabilities()
+    driver = str(args["driver"])
+    if caps is None:
+        return args
+    known = caps.devices.get(driver) or caps.devices.get(DEVICE_ALIASES.get(driver, ""))
+    if known is None:
+        raise ConfigError(f"'{driver}' is not a valid device model name")
+    if known.properties is None:
+        return args
+    out = dict(args)
+    for name, value in args.items():
+        if name in ("driver", "id", "bus"):
+            continue
+        kind = known.properties.get(name)
+        if kind is None:
+            raise ConfigError(f"Property '{driver}.{name}' not found")
+        if name != "addr":  # a PCI address in text is slot.function, not a number
+            out[name] = coerce_property(kind, value)
+    return out
+
+
+def _hotplug_bus(vmm: Vmm, args: Mapping[str, object]) -> str | None:
+    """Where a hot-plugged device goes when the client named no bus."""
+    machine = vmm.engine()
+    machine_type = vmm.config.machine.type
+    family = machine_family(machine_type)
+    bus = args.get("bus")
+    driver = str(args.get("driver"))
+    if family in NO_HOTPLUG_MACHINES:
+        raise ConfigError(
+            f"Device '{driver}' cannot be hot-plugged: machine type "
+            f"'{machine_type}' has no hot-pluggable bus (devices are boot-only there)"
+        )
+    if isinstance(bus, str) or family != "q35" or not driver.endswith("-pci"):
+        return bus if isinstance(bus, str) else None
+    for port in machine.hotplug_ports:
+        if port not in machine.port_users:
+            return port
+    raise ConfigError(
+        f"No free hot-plug port: all {len(machine.hotplug_ports)} root ports are in use "
+        "(machine-set 'hotplug-ports' sets how many the next machine-init provides)"
+    )
+
+
+async def _unplug(vmm: Vmm, device_id: str) -> object:
+    """Asks the guest to let go; the store forgets the device on DEVICE_DELETED."""
+    if vmm.config.find(Kind.DEVICE, device_id) is None:
+        raise NotFoundError(f"Device '{device_id}' not found")
+    if machine_family(vmm.config.machine.type) in NO_HOTPLUG_MACHINES:
+        raise ConfigError(
+            f"Device '{device_id}' cannot be unplugged: machine type "
+            f"'{vmm.config.machine.type}' has no hot-pluggable bus"
+        )
+    await vmm.engine().execute("device_del", {"id": device_id})
+    return {}
+
+
+def on_device_deleted(vmm: Vmm, message: dict[str, object]) -> None:
+    data = message.get("data")
+    device_id = data.get("device") if isinstance(data, dict) else None
+    if not isinstance(device_id, str) or vmm.config.find(Kind.DEVICE, device_id) is None:
+        return
+    vmm.commit(vmm.config.remove(Kind.DEVICE, device_id))
+    if vmm.machine is not None:
+        for port, user in list(vmm.machine.port_users.items()):
+            if user == device_id:
+                del vmm.machine.port_users[port]
+
+
+REGISTRY.hook("DEVICE_DELETED", on_device_deleted)
+
+
+async def _share_fdsets(vmm: Vmm, wanted: set[int]) -> None:
+    """Give the running engine the fdsets a hot-plugged node opens.
+
+    At machine-init every fdset goes over with ``-add-fd``; one added
+    later must be passed on the private link before the engine can open it.
+    """
+    if not wanted:
+        return
+    engine = vmm.engine()
+    known = await engine.execute("query-fdsets", {})
+    have = {entry["fdset-id"] for entry in known} if isinstance(known, list) else set()
+    for fdset_id in sorted(wanted - have):
+        entries = vmm.fds.fdsets.get(fdset_id)
+        if not entries:
+            raise NotFoundError(f"File descriptor named 'fdset-id={fdset_id}' not found")
+        for entry in entries:
+            arguments: dict[str, object] = {"fdset-id": fdset_id}
+            if entry.opaque is not None:
+                arguments["opaque"] = entry.opaque
+            await engine.execute("add-fd", arguments, fds=[entry.fd])
+
+
+@REGISTRY.command("set_link", args=ENGINE_ARGS)
+async def set_link(call: Call) -> object:
+    name, up = str(call.args["name"]), bool(call.args["up"])
+    vmm = call.vmm
+    await change(
+        vmm,
+        lambda c: c.set_link(name, up),
+        on_engine=lambda: vmm.engine().execute("set_link", {"name": name, "up": up}),
+        undo=lambda: vmm.engine().execute("set_link", {"name": name, "up": not up}),
+    )
+    return {}

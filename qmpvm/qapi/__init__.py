@@ -1,0 +1,1 @@
+"""QEMU's introspected QAPI schema, used as data: checking, typing and merging."""

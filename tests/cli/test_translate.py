@@ -1,0 +1,328 @@
+"""The command line turns into QMP commands (no process started).
+
+Text is typed with QEMU 7.2's own schema and option descriptions, kept as
+test data, so these tests need no engine.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qmpvm.cli import OPTIONS, InheritedFd, Listener, Start, UsageError, parse_argv
+from qmpvm.cli.typer import EngineTyper
+from qmpvm.config.kinds import BY_COMMAND, KINDS
+from qmpvm.config.resource import Kind
+from qmpvm.qapi.check import Schema
+
+DATA = Path(__file__).parent.parent / "data"
+SCHEMA = json.loads((Path(__file__).parent.parent / "qapi" / "qemu-7.2-schema.json").read_text())
+GROUPS = json.loads((DATA / "qemu-7.2-cmdline.json").read_text())
+TYPER = EngineTyper(lambda: Schema(SCHEMA), GROUPS)
+
+
+def commands(*argv: str) -> list[dict[str, object]]:
+    return parse_argv(list(argv), TYPER).machine_commands()
+
+
+def by_name(cmds: list[dict[str, object]], name: str) -> list[dict[str, object]]:
+    return [c["arguments"] for c in cmds if c["execute"] == name]  # type: ignore[misc]
+
+
+def test_each_option_is_a_qmp_command() -> None:
+    cmds = commands(
+        "-nodefaults", "-M", "q35,accel=tcg", "-m", "1G", "-smp", "2", "-name", "vm1",
+        "-kernel", "/k", "-append", "console=ttyS0",
+        "-chardev", "socket,id=c0,path=/tmp/c0,server=on,wait=off", "-serial", "chardev:c0",
+        "-drive", "file=/tmp/d.img,if=virtio,format=raw,readonly=on",
+        "-netdev", "user,id=n0,hostfwd=tcp::2222-:22", "-device", "virtio-net-pci,netdev=n0",
+    )  # fmt: skip
+    assert cmds == [
+        {
+            "execute": "machine-set",
+            "arguments": {
+                "type": "q35",
+                "accel": "tcg",
+                "memory": 1 << 30,
+                "cpus": 2,
+                "name": "vm1",
+            },
+        },
+        {"execute": "boot-set", "arguments": {"kernel": "/k", "append": "console=ttyS0"}},
+        {
+            "execute": "chardev-add",
+            "arguments": {
+                "id": "c0",
+                "backend": {
+                    "type": "socket",
+                    "data": {
+                        "server": True,
+                        "wait": False,
+                        "addr": {"type": "unix", "data": {"path": "/tmp/c0"}},
+                    },
+                },
+            },
+        },
+        {
+            "execute": "drive-add",
+            "arguments": {
+                "file": "/tmp/d.img",
+                "if": "virtio",
+                "format": "raw",
+                "readonly": "on",
+                "id": "virtio0",
+            },
+        },
+        {
+            "execute": "netdev_add",
+            "arguments": {"type": "user", "id": "n0", "hostfwd": [{"str": "tcp::2222-:22"}]},
+        },
+        {"execute": "device_add", "arguments": {"driver": "isa-serial", "chardev": "c0"}},
+        {"execute": "device_add", "arguments": {"driver": "virtio-net-pci", "netdev": "n0"}},
+        {"execute": "machine-init"},
+        {"execute": "cont"},
+    ]
+
+
+def test_nothing_of_the_reported_mistranslations_is_lost() -> None:
+    cmds = commands(
+        "-smp", "2,sockets=2,cores=1,threads=1", "-m", "size=1G,slots=16,maxmem=4G",
+        "-drive", "file=/d,cache=none,media=cdrom,index=1",
+        "-netdev", '{"type":"user","id":"n0"}',
+        "-chardev", "socket,id=c1,host=localhost,port=1234,reconnect=10", "--preconfig",
+    )  # fmt: skip
+    (machine,) = by_name(cmds, "machine-set")
+    assert machine["cpus"] == 2
+    assert machine["smp"] == {"sockets": 2, "cores": 1, "threads": 1}
+    assert (machine["memory"], machine["memory-slots"], machine["maxmem"]) == (1 << 30, 16, 4 << 30)
+    assert by_name(cmds, "drive-add") == [
+        {"file": "/d", "cache": "none", "media": "cdrom", "index": 1, "id": "ide0-cd1"}
+    ]
+    assert by_name(cmds, "netdev_add") == [{"type": "user", "id": "n0"}]
+    (client,) = by_name(cmds, "chardev-add")
+    data = client["backend"]["data"]  # type: ignore[index]
+    assert data["server"] is False
+    assert data["reconnect"] == 10
+    assert data["addr"] == {"type": "inet", "data": {"host": "localhost", "port": "1234"}}
+
+
+def test_text_is_typed_by_the_engine_schema() -> None:
+    cmds = commands(
+        "-object", "memory-backend-ram,id=m0,size=64M,share=on",
+        "-blockdev", "driver=qcow2,node-name=q,file.driver=file,file.filename=/x,"
+                     "lazy-refcounts=on",
+        "-boot", "order=c,menu=on,splash-time=500", "--preconfig",
+    )  # fmt: skip
+    assert by_name(cmds, "object-add") == [
+        {"qom-type": "memory-backend-ram", "id": "m0", "size": 64 << 20, "share": True}
+    ]
+    assert by_name(cmds, "blockdev-add") == [
+        {
+            "driver": "qcow2",
+            "node-name": "q",
+            "file": {"driver": "file", "filename": "/x"},
+            "lazy-refcounts": True,
+        }
+    ]
+    assert by_name(cmds, "machine-set")[0]["boot"] == {
+        "order": "c", "menu": True, "splash-time": 500,
+    }  # fmt: skip
+
+
+def test_qemu_drive_names() -> None:
+    cmds = commands(
+        "-drive", "file=/a,if=virtio", "-drive", "file=/b,if=virtio", "-hda", "/c",
+        "-cdrom", "/d", "-drive", "file=/e,if=scsi", "-drive", "file=/f,if=none",
+        "-fda", "/g", "--preconfig",
+    )  # fmt: skip
+    ids = [args["id"] for args in by_name(cmds, "drive-add")]
+    assert ids == ["virtio0", "virtio1", "ide0-hd0", "ide1-cd0", "scsi0-hd0", "none0", "floppy0"]
+
+
+def test_resources_are_created_in_qemus_order() -> None:
+    """A device may name a chardev given after it, as QEMU allows."""
+    cmds = commands(
+        "-device", "isa-serial,chardev=late", "-object", "rng-egd,id=rng0,chardev=egd",
+        "-chardev", "null,id=late", "-chardev", "null,id=egd", "--preconfig",
+    )  # fmt: skip
+    order = [(c["execute"], c["arguments"].get("id")) for c in cmds]  # type: ignore[union-attr]
+    assert order == [
+        ("machine-set", None),
+        ("chardev-add", "late"),
+        ("chardev-add", "egd"),
+        ("object-add", "rng0"),
+        ("device_add", None),
+    ]
+
+
+def test_defaults_follow_nodefaults() -> None:
+    assert by_name(commands("-S"), "machine-set") == [{"defaults": True}]
+    assert by_name(commands("-nodefaults", "-S"), "machine-set") == []
+
+
+def test_start_modes() -> None:
+    assert parse_argv([]).start is Start.RUN
+    assert commands("-S", "-nodefaults")[-1] == {"execute": "machine-init"}
+    assert commands("--preconfig", "-nodefaults") == []
+    assert by_name(commands("-enable-kvm"), "machine-set")[0]["accel"] == "kvm"
+    assert by_name(commands("-accel", "kvm", "-accel", "tcg"), "machine-set")[0]["accel"] == (
+        "kvm:tcg"
+    )
+
+
+def test_listeners_and_monitors() -> None:
+    options = parse_argv(
+        [
+            "-qmp", "unix:/tmp/a,server=on,wait=off", "-qmp", "tcp:127.0.0.1:4444,server,nowait",
+            "-chardev", "socket,id=charmonitor,fd=7,server=on,wait=off",
+            "-mon", "chardev=charmonitor,id=monitor,mode=control",
+            "-chardev", "socket,id=m2,path=/tmp/m2,server=on,wait=off",
+            "-mon", "chardev=m2,mode=control", "-add-fd", "fd=5,set=2,opaque=log",
+        ],
+        TYPER,
+    )  # fmt: skip
+    assert options.listeners == [
+        Listener(kind="unix", path="/tmp/a"),
+        Listener(kind="tcp", host="127.0.0.1", port=4444),
+        Listener(kind="fd", path="7"),
+        Listener(kind="unix", path="/tmp/m2"),
+    ]
+    assert options.inherited_fds == [InheritedFd(fd=5, set=2, opaque="log")]
+    assert by_name(options.commands, "chardev-add") == []  # monitors are qmpvm's, not the guest's
+
+
+def test_json_options_pass_through() -> None:
+    cmds = commands("-device", '{"driver": "virtio-rng-pci", "id": "rng0"}', "--preconfig")
+    assert by_name(cmds, "device_add") == [{"driver": "virtio-rng-pci", "id": "rng0"}]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["-bogus"], "unknown option '-bogus'"),
+        (["-m"], "option -m requires an argument"),
+        (["-m", "lots"], "invalid size"),
+        (["-initrd", "/i"], "need -kernel"),
+        (["-qmp", "stdio"], "expected unix:PATH"),
+        (["-qmp", "unix:/s,server=on,wait=on"], "never waits"),
+        (["-monitor", "stdio"], "HMP monitors are not offered"),
+        (["-serial", "mon:stdio"], "HMP monitors are not offered"),
+        (["-mon", "chardev=x,mode=control"], "chardev 'x' not found"),
+        (["-runas", "nobody"], "-runas: not supported"),
+        (["-chardev", "socket,id=s"], "'path', 'host'/'port' or 'fd' is required"),
+        (["-chardev", "null"], "'id' is required"),
+    ],
+)
+def test_bad_options_are_refused(argv: list[str], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        parse_argv(argv, TYPER)
+
+
+# One value per accepted option, each carrying a marker that must come out the
+# other side: an option that swallowed its value would fail here.
+SAMPLES: dict[str, str | None] = {
+    "-qmp": "unix:/tmp/MARK,server=on,wait=off",
+    "-mon": None,  # tested with its chardev in test_listeners_and_monitors
+    "-monitor": None,  # only 'none', which asks for nothing
+    "-S": None, "-preconfig": None, "-print-qmp": None, "-v": None, "-verbose": None,
+    "-daemonize": None, "-nodefaults": None, "-no-user-config": None,
+    "-state-dir": "/tmp/MARK", "-config": "/tmp/MARK", "-engine": "/tmp/MARK",
+    "-pidfile": "/tmp/MARK", "-hotplug-ports": "17", "-add-fd": "fd=17,set=3",
+    "-M": "pc,MARK=on", "-machine": "pc,MARK=on", "-accel": "tcg,MARK=1",
+    "-enable-kvm": None, "-m": "17M", "-smp": "17", "-name": "MARK", "-cpu": "MARK,+MARK2",
+    "-no-shutdown": None, "-no-reboot": None, "-watchdog-action": "MARK", "-no-acpi": None,
+    "-no-hpet": None, "-usb": None, "-nographic": None, "-kernel": "/MARK",
+    "-initrd": None, "-append": None,  # with -kernel: see test_each_option...
+    "-object": "secret,id=MARK,data=x", "-chardev": "null,id=MARK",
+    "-blockdev": "driver=null-co,node-name=MARK", "-drive": "file=/MARK",
+    "-netdev": "user,id=MARK", "-device": "MARK", "-serial": "file:/MARK",
+    "-parallel": "file:/MARK", "-watchdog": "MARK",
+    "-hda": "/MARK", "-hdb": "/MARK", "-hdc": "/MARK", "-hdd": "/MARK", "-cdrom": "/MARK",
+    "-fda": "/MARK", "-fdb": "/MARK", "-mtdblock": "/MARK", "-sd": "/MARK", "-pflash": "/MARK",
+    "-boot": "order=MARK", "-rtc": "base=MARK", "-uuid": "MARK", "-smbios": "type=1,MARK=x",
+    "-global": "driver=MARK,property=p,value=v", "-numa": "node,MARK=1", "-action": "panic=MARK",
+    "-display": "MARK", "-vnc": "MARK", "-vga": "MARK", "-spice": "port=MARK",
+    "-audiodev": "none,id=MARK", "-fsdev": "local,id=MARK,path=/x,security_model=none",
+    "-virtfs": "local,path=/x,mount_tag=MARK,security_model=none", "-tpmdev": "emulator,id=MARK",
+    "-net": "nic,model=MARK", "-nic": "user,model=MARK", "-usbdevice": "MARK",
+    "-msg": "timestamp=MARK", "-overcommit": "mem-lock=MARK", "-sandbox": "on,MARK=deny",
+    "-icount": "shift=MARK", "-fw_cfg": "name=opt/MARK,string=x", "-option-rom": "/MARK",
+    "-iscsi": "initiator-name=MARK", "-bios": "/MARK", "-L": "/MARK", "-k": "MARK",
+    "-mem-path": "/MARK", "-mem-prealloc": None, "-snapshot": None, "-incoming": "MARK",
+    "-loadvm": "MARK",
+}  # fmt: skip
+
+
+def test_every_accepted_option_keeps_what_it_was_given() -> None:
+    accepted = {name for name, option in OPTIONS.items() if option.handler is not None}
+    assert accepted == set(SAMPLES), "every accepted option needs a sample here"
+    for option, value in SAMPLES.items():
+        if value is None:
+            if not OPTIONS[option].takes_value:
+                parse_argv([option, "--preconfig"], TYPER)
+            continue
+        result = parse_argv([option, value, "--preconfig"], TYPER)
+        marker = "17" if "17" in value else "MARK"
+        seen = json.dumps([result.commands, repr(result)])
+        assert marker in seen, f"{option} {value} lost its value: {seen}"
+
+
+def test_refused_options_say_why() -> None:
+    for name, option in OPTIONS.items():
+        if option.handler is None:
+            argv = [name, "x"] if option.takes_value else [name]
+            with pytest.raises(UsageError, match=f"{name}: not supported: {option.doc}"):
+                parse_argv(argv, TYPER)
+
+
+def sample_lines() -> list[Path]:
+    return sorted((DATA / "cli-sample").glob("*.args"))
+
+
+def qemu_argv(path: Path) -> list[str]:
+    """A libvirt test line: environment assignments, the binary, then the options."""
+    words = shlex.split(path.read_text().replace("\\\n", " "))
+    start = next(i for i, word in enumerate(words) if word.startswith("/usr/bin/qemu"))
+    return words[start + 1 :]
+
+
+def test_real_command_lines_translate_whole() -> None:
+    """Every line management tools generated in the sample translates; the one
+    refused is refused by QEMU too (libvirt's test of passing an option through)."""
+    refused = {}
+    for path in sample_lines():
+        try:
+            parse_argv(qemu_argv(path), TYPER)
+        except UsageError as err:
+            refused[path.name] = str(err)
+    assert refused == {"qemu-ns-no-env.args": "unknown option '-unknown' (see --help)"}
+
+
+def test_every_kind_has_its_commands() -> None:
+    for kind, spec in KINDS.items():
+        assert BY_COMMAND[spec.add].kind is kind
+        assert BY_COMMAND[spec.delete].kind is kind
+    assert list(KINDS) == list(Kind)
+
+
+def test_print_qmp_and_errors_from_the_real_entry_point() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "qmpvm", "--print-qmp", "-m", "256", "-nodefaults", "-S"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert [json.loads(line) for line in out.stdout.splitlines()] == [
+        {"execute": "machine-set", "arguments": {"memory": 256 << 20}},
+        {"execute": "machine-init"},
+    ]
+    bad = subprocess.run(
+        [sys.executable, "-m", "qmpvm", "-frobnicate"], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 1
+    assert bad.stderr.strip() == "qmpvm: unknown option '-frobnicate' (see --help)"
