@@ -124,11 +124,12 @@ class Translator:
         self.settings: dict[str, object] = {}
         self.boot: dict[str, object] = {}
         self.resources: list[tuple[Kind, dict[str, object]]] = []
+        self.json_devices: list[tuple[Kind, dict[str, object]]] = []
         self.deferred_devices: list[dict[str, object]] = []
         self.monitors: list[str] = []  # chardev ids that -mon makes QMP monitors
         self.drives: list[tuple[str, int, int]] = []
         self.defaults = True
-        self.counter = 0
+        self.counters: dict[str, int] = {}
 
     # -- helpers ---------------------------------------------------------
 
@@ -136,8 +137,10 @@ class Translator:
         raise UsageError(message)
 
     def next_id(self, prefix: str) -> str:
-        self.counter += 1
-        return f"{prefix}{self.counter - 1}"
+        """QEMU's label for the Nth chardev an option makes: serial0, parallel0, ..."""
+        number = self.counters.get(prefix, 0)
+        self.counters[prefix] = number + 1
+        return f"{prefix}{number}"
 
     def add(self, kind: Kind, args: dict[str, object]) -> None:
         self.resources.append((kind, args))
@@ -244,6 +247,15 @@ class Translator:
                 tree = self.typer.group(setting.group, tree)
             self.set(setting.name, tree)
 
+    def global_(self, option: str, value: str) -> None:
+        """``-global DRIVER.PROPERTY=VALUE`` or ``-global driver=D,property=P,value=V``."""
+        head, _, rest = value.partition("=")
+        if "." in head and "," not in value and not head.startswith("driver"):
+            driver, _, prop = head.partition(".")
+            self.set("global", {"driver": driver, "property": prop, "value": rest})
+        else:
+            self.setting(option, value)
+
     def machine_property(self, option: str, value: str) -> None:
         prop, on = _PROPERTY_FLAGS[option]
         self.set("properties", {prop: on})
@@ -299,10 +311,13 @@ class Translator:
         self.add(Kind.NETDEV, {**typed, **repeated})
 
     def device(self, option: str, value: str) -> None:
-        tree, _ = self.structured(value, "driver")
+        tree, is_json = self.structured(value, "driver")
         if str(tree.get("driver")) in _HELP_VALUES:
             self.engine_help(option, value)
-        self.add(Kind.DEVICE, tree)
+        if is_json:  # QEMU creates JSON devices after all key=value ones
+            self.json_devices.append((Kind.DEVICE, tree))
+        else:
+            self.add(Kind.DEVICE, tree)
 
     def drive(self, option: str, value: str) -> None:
         tree = self.typer.group("drive", parse(value, "file"))
@@ -330,18 +345,17 @@ class Translator:
         self.add_drive(tree)
 
     def serial(self, option: str, value: str) -> None:
-        if value == "none":
-            return
-        driver = "isa-serial" if option == "-serial" else "isa-parallel"
-        if value.startswith("chardev:"):
-            chardev_id = value.removeprefix("chardev:")
-        else:
+        """The board's ports, as QEMU makes them (before any -device); a spec
+        other than ``chardev:ID`` becomes a chardev of QEMU's name for it."""
+        name = option.lstrip("-")
+        if value != "none" and not value.startswith("chardev:"):
             if value.startswith("mon:"):
                 self.fail(f"{option} {value}: HMP monitors are not offered (QMP is: -qmp)")
-            chardev_id = self.next_id(option.lstrip("-"))
+            chardev_id = self.next_id(name)
             tree = self.typer.group("chardev", sugar.chardev_spec(value, chardev_id))
             self.add(Kind.CHARDEV, chardev.from_legacy(tree))
-        self.add(Kind.DEVICE, {"driver": driver, "chardev": chardev_id})
+            value = f"chardev:{chardev_id}"
+        self.set(name, value)
 
     def watchdog(self, option: str, value: str) -> None:
         self.add(Kind.DEVICE, {"driver": value})
@@ -414,7 +428,7 @@ class Translator:
 
     def finish(self) -> Options:
         opts = self.options
-        resources = self.resources
+        resources = self.resources + self.json_devices
         for chardev_id in self.monitors:
             found = [a for k, a in resources if k is Kind.CHARDEV and a.get("id") == chardev_id]
             if not found:
@@ -545,6 +559,12 @@ _REFUSED = {
 }
 
 OPTIONS: dict[str, Option] = {
+    # the machine settings that are one option each (more specific handlers below)
+    **{
+        s.option: Option(T.setting, s.shape != "bool", f"machine-set '{s.name}'")
+        for s in SETTINGS.values()
+        if s.option is not None
+    },
     # the qmpvm process
     "-qmp": Option(T.qmp, True, "unix:PATH,server=on,wait=off | tcp:HOST:PORT,... | repeatable"),
     "-mon": Option(T.mon, True, "chardev=ID,mode=control: a QMP monitor on socket chardev ID"),
@@ -594,13 +614,9 @@ OPTIONS: dict[str, Option] = {
     "-parallel": Option(T.serial, True, "as -serial"),
     "-watchdog": Option(T.watchdog, True, "MODEL: -device MODEL"),
     **{name: Option(T.drive_shorthand, True, "FILE: -drive") for name in _DRIVE_SHORTHANDS},
-    **{
-        s.option: Option(T.setting, s.shape != "bool", f"machine-set '{s.name}'")
-        for s in SETTINGS.values()
-        if s.option is not None and s.option != "-cpu"
-    },
     **{name: Option(None, True, reason) for name, reason in _REFUSED.items()},
 }
+OPTIONS["-global"] = Option(T.global_, True, "DRIVER.PROPERTY=VALUE: machine-set 'global'")
 for _flag in ("-s", "-no-quit", "-no-frame", "-full-screen", "-alt-grab", "-ctrl-grab",
               "-show-cursor", "-portrait", "-win2k-hack", "-no-fd-bootchk", "-only-migratable",
               "-singlestep", "-enable-sync-profile", "-sdl", "-curses", "-xen-attach",

@@ -75,8 +75,10 @@ def check_with_engine(given: Mapping[str, object], caps: Capabilities, machine_t
     properties = _mapping(given.get("properties"))
     real_name = str(caps.machines.get(machine_type, {}).get("name", machine_type))
     known = caps.machine_properties.get(real_name) if properties else None
+    legacy = caps.command_line_options.get("machine") or {}  # kernel_irqchip and the like
     for name in properties:
-        if known is not None and name not in known:
+        spellings = {name, name.replace("_", "-"), name.replace("-", "_")}
+        if known is not None and not spellings & (set(known) | set(legacy)):
             raise ConfigError(f"Property '{real_name}-machine.{name}' not found")
     model = _mapping(given.get("cpu")).get("model")
     known_models = (*caps.cpu_models, "host", "max", "base")

@@ -150,6 +150,10 @@ def _option_value(resource: Resource, named_fds: Mapping[str, int]) -> tuple[str
     if resource.kind is Kind.NETDEV:
         args, fds = resolve_fd_names(resource.args, named_fds)
         return _json(args), fds
+    if all(isinstance(value, (str, int, float, bool)) for value in resource.args.values()):
+        # key=value, not JSON: QEMU creates key=value devices first, then those
+        # of '-drive if=virtio', then JSON ones; a command line's order needs this
+        return encode(dict(resource.args), "driver"), []
     return _json(resource.args), []
 
 

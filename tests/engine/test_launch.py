@@ -12,6 +12,7 @@ from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind
 from qmpvm.engine.launch import LaunchPlan, build_launch, machine_family
 from qmpvm.errors import ConfigError
+from qmpvm.keyval import parse
 
 MiB = 1024 * 1024
 LINK_FD = 9
@@ -41,6 +42,11 @@ def values(plan: LaunchPlan, option: str) -> list[str]:
     return [argv[i + 1] for i, arg in enumerate(argv) if arg == option]
 
 
+def device(text: str) -> dict[str, object]:
+    """A -device value: JSON, or key=value (which the engine keeps in order)."""
+    return json.loads(text) if text.startswith("{") else parse(text, "driver")
+
+
 def test_machine_boot_and_resources_in_order() -> None:
     config = Config().set_machine(
         {"type": "q35", "accel": "tcg", "memory": 256 * MiB, "cpus": 2, "name": "vm,1"}
@@ -66,7 +72,7 @@ def test_machine_boot_and_resources_in_order() -> None:
     ]
     assert values(plan, "-mon") == ["chardev=qmpvm-link,mode=control"]
     assert [json.loads(v) for v in values(plan, "-blockdev")] == [disk]
-    devices = [json.loads(v) for v in values(plan, "-device")]
+    devices = [device(v) for v in values(plan, "-device")]
     # the user's devices first: they get the PCI slots QEMU would give them
     assert [d["id"] for d in devices] == ["vda"] + [f"qmpvm-hp{i}" for i in range(4)]
     assert plan.hotplug_ports == ("qmpvm-hp0", "qmpvm-hp1", "qmpvm-hp2", "qmpvm-hp3")
