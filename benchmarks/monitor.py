@@ -2,9 +2,16 @@
 
 Peer: ``qemu-system-x86_64 -M none -S -nodefaults -display none
 -qmp unix:PATH,server=on,wait=off`` (no machine, only the monitor), the
-closest QEMU has to qmpvm's "monitor first" start.  qmpvm is started with
+closest QEMU has to qmpvm's "monitor first" start; for (e) ``-M q35 -S``
+instead, since QEMU's blockdev-add needs a machine.  qmpvm is started with
 ``-qmp unix:PATH,server=on,wait=off --preconfig`` (no machine either), both as
 ``sys.executable -m qmpvm`` and as the console script ``.venv/bin/qmpvm``.
+
+Before anything is timed, ``qmpvm --print-qmp -object secret,id=s,data=x``
+runs once: it loads qmpvm's capability cache for the engine
+($QMPVM_CACHE_DIR or ~/.cache/qmpvm), or probes the engine (~1-2 s) and
+writes it if it is missing, so no timed start probes.  The benchmark prints
+whether the cache was warm.
 
 Measured, each printed as a qmpvm/QEMU ratio (lower is better for qmpvm):
 
@@ -33,15 +40,41 @@ Measured, each printed as a qmpvm/QEMU ratio (lower is better for qmpvm):
     the client library; the raw clients cost ~15 µs, so their row measures
     the server.  The CPU time qmpvm itself spent is read from /proc and shown
     per command.  ``--client-procs N`` spreads the clients over N processes.
+(d) start to the whole schema: from ``Popen`` to the last byte of the reply
+    to ``query-qmp-schema`` on a raw UNIX socket (poll-connect as in (a),
+    read the greeting, send ``qmp_capabilities``, read its reply, send
+    ``query-qmp-schema``, read until its reply line ends); QEMU (``-M none
+    -S``) and both qmpvm launchers take turns, median of ``--runs``, after
+    one warm-up start each.  qmpvm answers the engine's schema merged with
+    its own commands, encoded on the first ``query-qmp-schema`` of a
+    process, so this includes decoding the cached schema.  The size in bytes
+    and the number of entries of each answer are printed.  No goal.
+(e) ``blockdev-add`` round trip through one ``qemu.qmp`` QMPClient per
+    server: ``{"driver": "qcow2", "node-name": "nN", "file": {"driver":
+    "file", "filename": IMG}}``, IMG a 64 MiB qcow2 image made once with
+    ``qemu-img create -f qcow2``, a fresh node-name for every call, each
+    call followed by an untimed ``blockdev-del`` of that node (QEMU refuses
+    a second read-write node on the same image: "Failed to get "write"
+    lock"), the same on every server.  Servers: QEMU ``-M q35 -S`` (it opens
+    the image), qmpvm ``--preconfig`` (no machine: the command is checked
+    against the engine's schema and recorded in qmpvm's store, in memory)
+    and qmpvm ``--preconfig --state-dir DIR`` (the store on disk, a commit
+    with fsync per command).  1,000 sequential calls (200 with ``--quick``)
+    per server, taking turns in 4 chunks after 20 warm-up calls; median per
+    call.  Then the same number of invalid ``blockdev-add`` (``file.filename``
+    a number; every server refuses it with "Invalid parameter type for
+    'file.filename', expected: string"), to show the cost of the check.
 
 Goals (printed as met / MISSED): start-to-greeting ratio <= 1.0, sequential
 round-trip ratio <= 1.0, >= 10,000 commands/s over 64 clients, judged on the
-raw-socket row (the server's capacity; the qemu.qmp row is shown beside it).
+raw-socket row (the server's capacity; the qemu.qmp row is shown beside it),
+and blockdev-add round-trip ratio <= 1.5 for qmpvm with its store in memory
+(the --state-dir row and the invalid blockdev-add are shown, with no goal).
 
 Command::
 
-    .venv/bin/python benchmarks/monitor.py            # full run (~20 s)
-    .venv/bin/python benchmarks/monitor.py --quick    # smoke run (~10 s)
+    .venv/bin/python benchmarks/monitor.py            # full run (~30 s)
+    .venv/bin/python benchmarks/monitor.py --quick    # smoke run (~12 s)
 
 The floor rows (a bare Python greeter over a plain socket, and one over
 asyncio) are not qmpvm: they show what any Python server pays on this host.
@@ -73,6 +106,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -88,11 +123,12 @@ from pathlib import Path
 from typing import Protocol
 
 from processes import REPO, cpu_seconds, exit_on_sigterm, spawn, stop, stop_all
-from qemu.qmp import ConnectError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 QEMU = "qemu-system-x86_64"
 CONSOLE_SCRIPT = Path(sys.executable).parent / "qmpvm"
 GOAL_COMMANDS_PER_S = 10_000
+GOAL_BLOCKDEV_RATIO = 1.5
 
 
 class BarrierLike(Protocol):
@@ -137,22 +173,7 @@ def start_to_greeting(argv: list[str], sock: Path, timeout: float = 30.0) -> flo
     started = time.perf_counter()
     process = spawn(argv)
     try:
-        deadline = started + timeout
-        while True:
-            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                conn.connect(str(sock))
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                conn.close()
-                if process.poll() is not None:
-                    err = process.stderr.read().decode(errors="replace") if process.stderr else ""
-                    raise RuntimeError(
-                        f"{argv[0]} exited with {process.returncode}: {err}"
-                    ) from None
-                if time.perf_counter() > deadline:
-                    raise TimeoutError(f"{argv[0]}: no QMP socket after {timeout}s") from None
-                time.sleep(0.001)
+        conn = _connect_when_listening(process, argv, sock, started + timeout)
         with conn:
             conn.settimeout(timeout)
             data = b""
@@ -167,6 +188,74 @@ def start_to_greeting(argv: list[str], sock: Path, timeout: float = 30.0) -> flo
         return elapsed
     finally:
         stop(process)
+
+
+def _connect_when_listening(
+    process: subprocess.Popen[bytes], argv: list[str], sock: Path, deadline: float
+) -> socket.socket:
+    """A raw connection to ``sock``, poll-connected every 1 ms until it exists."""
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(str(sock))
+            return conn
+        except (FileNotFoundError, ConnectionRefusedError):
+            conn.close()
+            if process.poll() is not None:
+                err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+                raise RuntimeError(f"{argv[0]}: exited with {process.returncode}: {err}") from None
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{argv[0]}: no QMP socket in time") from None
+            time.sleep(0.001)
+
+
+def start_to_schema(argv: list[str], sock: Path, timeout: float = 30.0) -> tuple[float, bytes]:
+    """Seconds from Popen to the whole ``query-qmp-schema`` reply, and the reply line.
+
+    A raw UNIX socket, as for the greeting: read the greeting, negotiate,
+    ask, and read until the reply's line ends (events are skipped).
+    """
+    started = time.perf_counter()
+    process = spawn(argv)
+    try:
+        conn = _connect_when_listening(process, argv, sock, started + timeout)
+        with conn:
+            conn.settimeout(timeout)
+            pending = bytearray()
+            greeting = _recv_line(conn, pending, argv[0])
+            conn.sendall(b'{"execute": "qmp_capabilities"}')
+            negotiated = _recv_reply(conn, pending, argv[0])
+            conn.sendall(b'{"execute": "query-qmp-schema"}')
+            reply = _recv_reply(conn, pending, argv[0])
+            elapsed = time.perf_counter() - started
+        if b'"QMP"' not in greeting or not negotiated.startswith(b'{"return": {}'):
+            raise RuntimeError(f"{argv[0]}: no QMP negotiation: {greeting[:200]!r} {negotiated!r}")
+        if not reply.startswith(b'{"return": ['):
+            raise RuntimeError(f"{argv[0]}: query-qmp-schema failed: {reply[:200]!r}")
+        return elapsed, reply
+    finally:
+        stop(process)
+
+
+def _recv_line(conn: socket.socket, pending: bytearray, who: str) -> bytes:
+    """The next line (with its end) from ``conn``; what follows stays in ``pending``."""
+    scanned = 0
+    while (end := pending.find(b"\n", scanned)) < 0:
+        scanned = len(pending)
+        chunk = conn.recv(1 << 20)
+        if not chunk:
+            raise RuntimeError(f"{who}: connection closed after {bytes(pending[:200])!r}")
+        pending += chunk
+    line = bytes(pending[: end + 1])
+    del pending[: end + 1]
+    return line
+
+
+def _recv_reply(conn: socket.socket, pending: bytearray, who: str) -> bytes:
+    """The next line that is not an event."""
+    while (line := _recv_line(conn, pending, who)).startswith(b'{"event"'):
+        pass
+    return line
 
 
 # Floors for a Python server on this host (not qmpvm): the interpreter plus a
@@ -228,6 +317,53 @@ def bench_greeting(workdir: Path, runs: int) -> dict[str, list[float]]:
             sock = next(socks)
             times[name].append(start_to_greeting(make(sock), sock))
     return times
+
+
+SCHEMA_LAUNCHERS: dict[str, Callable[[Path], list[str]]] = {
+    name: make for name, make in LAUNCHERS.items() if not name.startswith(REFERENCE)
+}
+"""(d): QEMU (``-M none -S``) and both qmpvm launchers, no floors."""
+
+
+def bench_schema(workdir: Path, runs: int) -> tuple[dict[str, list[float]], dict[str, bytes]]:
+    """(d): start to the whole query-qmp-schema reply, programs taking turns."""
+    socks = _unique_socket(workdir)
+    for make in SCHEMA_LAUNCHERS.values():  # warm-up
+        sock = next(socks)
+        start_to_schema(make(sock), sock)
+    times: dict[str, list[float]] = {name: [] for name in SCHEMA_LAUNCHERS}
+    replies: dict[str, bytes] = {}
+    for _ in range(runs):
+        for name, make in SCHEMA_LAUNCHERS.items():
+            sock = next(socks)
+            elapsed, reply = start_to_schema(make(sock), sock)
+            times[name].append(elapsed)
+            if replies.setdefault(name, reply) != reply:
+                raise RuntimeError(f"{name}: query-qmp-schema answered differently between runs")
+    return times, replies
+
+
+def warm_capability_cache() -> str:
+    """Load (or, the first time, probe and store) qmpvm's capability cache for
+    the engine, so that no timed start probes the engine; say which it was."""
+    from qmpvm.engine.caps import (
+        cache_key,
+        cache_path,
+        default_cache_dir,
+        resolve_binary,
+        stat_identity,
+    )
+
+    file = cache_path(default_cache_dir(), cache_key(stat_identity(resolve_binary(QEMU))))
+    was_there = file.exists()
+    argv = [str(CONSOLE_SCRIPT), "--print-qmp", "-object", "secret,id=s,data=x"]
+    t0 = time.perf_counter()
+    subprocess.run(argv, cwd=REPO, capture_output=True, check=True)
+    elapsed = time.perf_counter() - t0
+    if not file.exists():
+        return f"WARNING: no capability cache at {file} after {argv[1:]}: every start probes"
+    state = "warm" if was_there else "was cold, probed now"
+    return f"capability cache {state}: {file} ({' '.join(argv[1:])} took {elapsed:.2f} s)"
 
 
 # -- (b) round trips, (c) many clients -------------------------------------------
@@ -504,6 +640,121 @@ async def bench_monitor(workdir: Path, opts: argparse.Namespace) -> dict[str, ob
     return results
 
 
+# -- (e) blockdev-add ------------------------------------------------------------
+
+
+def qemu_q35_argv(sock: Path) -> list[str]:
+    """QEMU's blockdev-add needs a machine: q35, created and stopped (``-S``)."""
+    return [QEMU, "-M", "q35", "-S", "-nodefaults", "-display", "none",
+            "-qmp", f"unix:{sock},server=on,wait=off"]  # fmt: skip
+
+
+def blockdev_servers(workdir: Path) -> dict[str, list[str]]:
+    """(e)'s servers: QEMU with a machine, qmpvm without one, in memory and on disk."""
+    return {
+        "QEMU": qemu_q35_argv(workdir / "bd-qemu.sock"),
+        "qmpvm": qmpvm_module_argv(workdir / "bd-qmpvm.sock"),
+        "qmpvm --state-dir": [
+            *qmpvm_module_argv(workdir / "bd-qmpvm-disk.sock"),
+            "--state-dir",
+            str(workdir / "state"),
+        ],
+    }
+
+
+def make_image(workdir: Path) -> Path:
+    image = workdir / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(image), "64M"],
+                   capture_output=True, check=True)  # fmt: skip
+    return image
+
+
+def qcow2_node(node: str, image: Path) -> dict[str, object]:
+    return {
+        "driver": "qcow2",
+        "node-name": node,
+        "file": {"driver": "file", "filename": str(image)},
+    }
+
+
+INVALID_NODE: dict[str, object] = {
+    "driver": "qcow2",
+    "node-name": "bad",
+    "file": {"driver": "file", "filename": 64},  # must be a string
+}
+
+
+async def add_then_del(
+    client: QMPClient, image: Path, nodes: Iterator[str], calls: int
+) -> list[float]:
+    """``calls`` blockdev-add of a fresh node, each timed; the untimed blockdev-del
+    after each releases the image's write lock (QEMU refuses a second writer)."""
+    per_call = []
+    for _ in range(calls):
+        node = next(nodes)
+        t0 = time.perf_counter()
+        await client.execute("blockdev-add", qcow2_node(node, image))
+        per_call.append(time.perf_counter() - t0)
+        await client.execute("blockdev-del", {"node-name": node})
+    return per_call
+
+
+async def invalid_adds(client: QMPClient, calls: int) -> tuple[list[float], str]:
+    """``calls`` refused blockdev-add, each timed, and the (last) refusal's text."""
+    per_call, refusal = [], ""
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        try:
+            await client.execute("blockdev-add", INVALID_NODE)
+        except ExecuteError as err:
+            per_call.append(time.perf_counter() - t0)
+            refusal = f"{err.error_class}: {err}"
+        else:
+            raise RuntimeError(f"{client.name}: an invalid blockdev-add was accepted")
+    return per_call, refusal
+
+
+async def bench_blockdev(workdir: Path, image: Path, opts: argparse.Namespace) -> dict[str, object]:
+    """(e): the servers take turns in chunks on one qemu.qmp client each."""
+    servers = blockdev_servers(workdir)
+    processes = {name: spawn(argv) for name, argv in servers.items()}
+    results: dict[str, object] = {}
+    try:
+        clients: dict[str, QMPClient] = {}
+        try:
+            for name, argv in servers.items():
+                sock = Path(argv[argv.index("-qmp") + 1].removeprefix("unix:").split(",")[0])
+                clients[name] = await connect(sock, name, processes[name])
+            nodes = {name: (f"n{i}" for i in itertools.count()) for name in clients}
+            for name, client in clients.items():  # warm-up
+                await client.execute("query-status")
+                await add_then_del(client, image, nodes[name], 20)
+                await invalid_adds(client, 20)
+            chunks = 4
+            add: dict[str, list[float]] = {name: [] for name in clients}
+            for _ in range(chunks):
+                for name, client in clients.items():
+                    add[name] += await add_then_del(
+                        client, image, nodes[name], opts.blockdev_calls // chunks
+                    )
+            bad: dict[str, list[float]] = {name: [] for name in clients}
+            refusals: dict[str, str] = {}
+            for _ in range(chunks):
+                for name, client in clients.items():
+                    times, refusals[name] = await invalid_adds(
+                        client, opts.blockdev_calls // chunks
+                    )
+                    bad[name] += times
+            results["add"], results["bad"], results["refusals"] = add, bad, refusals
+        finally:
+            for client in clients.values():
+                await client.disconnect()
+    finally:
+        for process in processes.values():
+            stop(process)
+    return results
+
+
 # -- report ----------------------------------------------------------------------
 
 
@@ -529,6 +780,7 @@ def main() -> int:
     opts.pipeline = 1000
     opts.pipeline_rounds = 2 if opts.quick else 5
     opts.per_client = 100 if opts.quick else 400
+    opts.blockdev_calls = 200 if opts.quick else 1000
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # connect retries log errors
     exit_on_sigterm()
@@ -542,8 +794,11 @@ def main() -> int:
                 print(f"WARNING: no up-to-date .pyc for {len(stale)} qmpvm module(s), "
                       f"e.g. {stale[0]}: (a) includes compiling them; run "
                       ".venv/bin/python -m compileall -q qmpvm first", flush=True)  # fmt: skip
+            print(warm_capability_cache(), flush=True)
             greet = bench_greeting(workdir, opts.runs)
+            schema, schema_replies = bench_schema(workdir, opts.runs)
             mon = asyncio.run(bench_monitor(workdir, opts))
+            blockdev = asyncio.run(bench_blockdev(workdir, make_image(workdir), opts))
             mon["many"] = bench_many(workdir, opts.clients, opts.per_client, opts.client_procs)
             print(f"load average during the run: {load_before} -> {loadavg()} "
                   "(other work on the host skews every figure)", flush=True)  # fmt: skip
@@ -588,6 +843,36 @@ def main() -> int:
               f"clients {client_cpu:.2f} CPU-s = {client_us:.0f} µs/call")  # fmt: skip
     raw_rate = many["raw socket"][0]
 
+    schema_med = {name: statistics.median(values) for name, values in schema.items()}
+    print(f"\n(d) process start -> whole query-qmp-schema reply (connect, negotiate, ask, read), "
+          f"median of {opts.runs} runs each (alternating), QEMU -M none -S:")  # fmt: skip
+    for name, value in schema_med.items():
+        reply = schema_replies[name]
+        entries = len(json.loads(reply)["return"])
+        spread = f"min {ms(min(schema[name]))}, max {ms(max(schema[name]))}"
+        print(f"    {name:30s} {ms(value):>12s}   ({spread}); "
+              f"reply {len(reply):,} bytes, {entries:,} entries")  # fmt: skip
+    schema_qmpvms = {k: v for k, v in schema_med.items() if k.startswith("qmpvm")}
+    schema_best = min(schema_qmpvms, key=schema_qmpvms.__getitem__)
+    schema_ratio = schema_med[schema_best] / schema_med["QEMU"]
+
+    add, bad, refusals = blockdev["add"], blockdev["bad"], blockdev["refusals"]
+    assert isinstance(add, dict) and isinstance(bad, dict) and isinstance(refusals, dict)
+    add_med = {name: statistics.median(v) for name, v in add.items()}
+    bad_med = {name: statistics.median(v) for name, v in bad.items()}
+    print(f"\n(e) blockdev-add of a fresh qcow2-over-file node through qemu.qmp, "
+          f"{opts.blockdev_calls} sequential calls (each followed by an untimed blockdev-del); "
+          "QEMU -M q35 -S, qmpvm --preconfig (no machine: checked and recorded):")  # fmt: skip
+    for name, values in add.items():
+        print(f"    {name:18s} median {ms(add_med[name])}/call, "
+              f"mean {ms(statistics.fmean(values))}/call")  # fmt: skip
+    print(f"    invalid blockdev-add ('file.filename' a number), {opts.blockdev_calls} calls:")
+    for name in bad:
+        print(f"    {name:18s} median {ms(bad_med[name])}/call   {refusals[name]}")
+    add_ratio = add_med["qmpvm"] / add_med["QEMU"]
+    add_disk_ratio = add_med["qmpvm --state-dir"] / add_med["QEMU"]
+    bad_ratio = bad_med["qmpvm"] / bad_med["QEMU"]
+
     print("\nratios (qmpvm / QEMU; <= 1.0 means qmpvm is as fast or faster):")
     print(f"    start -> greeting ({best}): {greet_ratio:.2f}   "
           f"goal <= 1.0: {goal(greet_ratio <= 1.0)}")  # fmt: skip
@@ -599,6 +884,14 @@ def main() -> int:
           f"goal >= {GOAL_COMMANDS_PER_S:,}: {goal(raw_rate >= GOAL_COMMANDS_PER_S)}")  # fmt: skip
     print(f"    ({opts.clients} qemu.qmp clients: {many['qemu.qmp'][0]:,.0f} commands/s, "
           "bound by the client library)")  # fmt: skip
+    sizes = f"{len(schema_replies[schema_best]):,} vs {len(schema_replies['QEMU']):,} bytes"
+    print(f"    start -> query-qmp-schema reply ({schema_best}): {schema_ratio:.2f}   "
+          f"(no goal; reply {sizes})")  # fmt: skip
+    print(f"    blockdev-add round trip, median, in memory: {add_ratio:.2f}   "
+          f"goal <= {GOAL_BLOCKDEV_RATIO}: {goal(add_ratio <= GOAL_BLOCKDEV_RATIO)}")  # fmt: skip
+    print(f"    blockdev-add round trip, median, --state-dir (fsync): {add_disk_ratio:.2f}   "
+          "(no goal)")  # fmt: skip
+    print(f"    invalid blockdev-add round trip, median, in memory: {bad_ratio:.2f}")
     return 0
 
 

@@ -74,9 +74,10 @@ class ControlPlane:
     async def load(self, options: Options, quit_requested: asyncio.Event) -> Vmm:
         await asyncio.to_thread(_import_control_plane)
         from qmpvm.commands import REGISTRY
+        from qmpvm.engine.settings import EngineSettings
         from qmpvm.monitor.dispatch import Dispatcher
         from qmpvm.store import Store
-        from qmpvm.vmm import EngineSettings, Vmm
+        from qmpvm.vmm import Vmm
 
         state_dir = Path(options.state_dir) if options.state_dir else None
         vmm = Vmm(

@@ -15,7 +15,7 @@ import os
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from qmpvm.errors import ConfigError, NotFoundError
+from qmpvm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class FdRegistry:
 
     def closefd(self, name: str, in_use: Collection[str]) -> None:
         if name not in self.named:
-            raise NotFoundError(f"File descriptor named '{name}' not found")
+            raise ConfigError(f"File descriptor named '{name}' not found")  # QEMU: GenericError
         if name in in_use:
             raise ConfigError(f"File descriptor named '{name}' is in use by the configuration")
         _close(self.named.pop(name).fd)
@@ -58,7 +58,7 @@ class FdRegistry:
         entries = self.fdsets.get(fdset_id)
         if entries is None or (fd is not None and all(e.fd != fd for e in entries)):
             what = f"fdset-id={fdset_id}" + (f", fd={fd}" if fd is not None else "")
-            raise NotFoundError(f"File descriptor named '{what}' not found")
+            raise ConfigError(f"File descriptor named '{what}' not found")
         if fdset_id in in_use:
             raise ConfigError(f"fdset {fdset_id} is in use by the configuration")
         for entry in [e for e in entries if fd is None or e.fd == fd]:

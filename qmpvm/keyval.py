@@ -1,15 +1,14 @@
-"""QEMU's ``key=value,...`` option syntax, typed by our argument schema.
+"""QEMU's ``key=value,...`` option syntax, both ways.
 
 ``parse`` gives the nested dict (``file.filename=x`` -> {"file":
 {"filename": "x"}}; ``,,`` is a literal comma; the first item may omit its
-key).  ``coerce`` then turns strings into the bools and integers the schema
-expects, which is what QEMU's keyval input visitor does.
+key); ``encode`` writes one.  Typing the text is the engine schema's job
+(``qmpvm.qapi.check.Schema.from_keyval``); ``coerce_property`` types a device
+property by the engine's property type.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 from collections.abc import Iterator, Mapping
 
 from qmpvm.errors import ArgumentError
@@ -91,52 +90,6 @@ def _text(value: object) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     return str(value).replace(",", ",,")
-
-
-def coerce(spec: object, value: object) -> object:
-    """Strings in ``value`` made into what ``spec`` declares, where they can be."""
-    from qmpvm.schema import Ref, Union, field_specs
-
-    if isinstance(value, str):
-        return _scalar(spec, value)
-    if not isinstance(value, dict):
-        return value
-    if isinstance(spec, Ref):
-        spec = spec.spec
-    if isinstance(spec, Union):
-        tag = value.get(spec.tag)
-        if isinstance(tag, str) and tag in spec.variants:
-            spec = spec.variants[tag]
-        else:
-            return value
-    if not (isinstance(spec, type) and dataclasses.is_dataclass(spec)):
-        return value
-    fields = field_specs(spec)
-    return {k: coerce(fields[k], v) if k in fields else v for k, v in value.items()}
-
-
-def _scalar(spec: object, text: str) -> object:
-    spec = _unwrap(spec)
-    if spec is bool:
-        if text in TRUE:
-            return True
-        if text in FALSE:
-            return False
-    elif spec is int:
-        try:
-            return int(text, 0)
-        except ValueError:
-            return text
-    return text
-
-
-def _unwrap(spec: object) -> object:
-    from qmpvm.schema import strip_optional
-
-    spec = strip_optional(spec)
-    if isinstance(spec, type) and issubclass(spec, enum.Enum):
-        return str
-    return spec
 
 
 def coerce_property(qemu_type: str, value: object) -> object:

@@ -1,12 +1,14 @@
-"""Typed QMP arguments: one declaration gives checking and introspection.
+"""qmpvm's own commands' arguments: one declaration gives checking and introspection.
 
-A command's arguments are declared as a frozen dataclass (field ``node_name``
-is QMP's ``node-name``); a flat union (QEMU's ``BlockdevOptions``,
-``Netdev``) as a ``Union`` of such dataclasses selected by a tag member.
-``check`` turns a JSON object into an instance, refusing unknown members,
-wrong types and missing members with QEMU's wording
-(qapi/qobject-input-visitor.c).  ``Introspector`` emits the same
-declarations as ``query-qmp-schema`` SchemaInfo entries (qapi/introspect.json).
+Only the commands the engine does not have are declared here (``machine-set``,
+``boot-set``, ``config-export``, ``drive-add``, ...): the engine's commands are
+checked against the engine's own schema (``qmpvm.qapi.check``).  A command's
+arguments are a frozen dataclass (field ``node_name`` is QMP's
+``node-name``); ``check`` turns a JSON object into an instance, refusing
+unknown members, wrong types and missing members with QEMU's wording
+(qapi/qobject-input-visitor.c).  ``Introspector`` emits the declarations as
+``query-qmp-schema`` SchemaInfo entries (qapi/introspect.json), which are
+merged into the engine's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import functools
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 from typing import Union as TypingUnion
 
@@ -26,34 +27,6 @@ from qmpvm.errors import ArgumentError
 EXTRA_FIELD = "extra_members"
 """A field of this name (Mapping[str, object]) collects members the class
 does not declare, for commands QEMU marks 'gen': false (device_add)."""
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Union:
-    """A flat union: the ``tag`` member's value picks the variant class."""
-
-    name: str
-    tag: str
-    variants: Mapping[str, type]
-
-    def pick(self, value: Mapping[str, object], path: str) -> type:
-        full = _join(path, self.tag)
-        if self.tag not in value:
-            raise ArgumentError(f"Parameter '{full}' is missing")
-        tag = value[self.tag]
-        if not isinstance(tag, str):
-            raise ArgumentError(f"Invalid parameter type for '{full}', expected: string")
-        if tag not in self.variants:
-            raise ArgumentError(f"Parameter '{full}' does not accept value '{tag}'")
-        return self.variants[tag]
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Ref:
-    """An alternate of a name (str) or an inline definition (QEMU's BlockdevRef)."""
-
-    name: str
-    spec: type | Union
 
 
 def qmp_name(field_name: str) -> str:
@@ -84,25 +57,8 @@ def strip_optional(annotation: object) -> object:
     return annotation
 
 
-def field_specs(cls: type) -> dict[str, object]:
-    """QMP member name -> its declared type (a class, Union or Ref)."""
-    out: dict[str, object] = {}
-    for _py_name, name, declared, _required in _fields(cls):
-        annotation = strip_optional(declared)
-        if typing.get_origin(annotation) is typing.Annotated:
-            annotation = typing.get_args(annotation)[1]
-        out[name] = annotation
-    return out
-
-
-def check(spec: type | Union, value: object, path: str = "") -> Any:
+def check(spec: type, value: object, path: str = "") -> Any:
     """``value`` as an instance of ``spec``, or ArgumentError in QEMU's words."""
-    if isinstance(spec, Union):
-        if not isinstance(value, dict):
-            raise ArgumentError(
-                f"Invalid parameter type for '{path or 'arguments'}', expected: object"
-            )
-        return check(spec.pick(value, path), value, path)
     return _check_object(spec, value, path)
 
 
@@ -143,25 +99,14 @@ _JSON_TYPE_NAMES: dict[type, str] = {
 def _expected(annotation: object) -> tuple[object, object]:
     """What ``_check_value`` tests for ``annotation``, and its generic origin.
 
-    ``X | None`` is X; ``Annotated[object, spec]`` is the spec (Ref, Union
-    or class).  Cached: annotations are few and checked at every command.
+    ``X | None`` is X.  Cached: annotations are few and checked at every command.
     """
     annotation = strip_optional(annotation)
-    if typing.get_origin(annotation) is typing.Annotated:
-        annotation = typing.get_args(annotation)[1]
     return annotation, typing.get_origin(annotation)
 
 
 def _check_value(annotation: object, value: object, path: str) -> object:
     annotation, origin = _expected(annotation)
-    if isinstance(annotation, Ref):
-        if isinstance(value, str):
-            return value
-        if not isinstance(value, dict):
-            raise ArgumentError(f"Invalid parameter type for '{path}', expected: {annotation.name}")
-        return check(annotation.spec, value, path)
-    if isinstance(annotation, Union):
-        return check(annotation, value, path)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -239,7 +184,7 @@ class Introspector:
     def __init__(self) -> None:
         self.entries: dict[str, dict[str, object]] = {}
 
-    def command(self, name: str, args: type | Union | None, returns: object) -> None:
+    def command(self, name: str, args: type | None, returns: object) -> None:
         entry: dict[str, object] = {"name": name, "meta-type": "command"}
         entry["arg-type"] = self.type_name(args) if args is not None else self._empty()
         entry["ret-type"] = self.type_name(returns)
@@ -260,19 +205,6 @@ class Introspector:
         annotation = strip_optional(annotation)
         if annotation is None:
             return self._empty()
-        if typing.get_origin(annotation) is typing.Annotated:
-            annotation = typing.get_args(annotation)[1]
-        if isinstance(annotation, Union):
-            return self._union(annotation)
-        if isinstance(annotation, Ref):
-            if annotation.name not in self.entries:
-                entry: dict[str, object] = {"name": annotation.name, "meta-type": "alternate"}
-                self.entries[annotation.name] = entry
-                entry["members"] = [
-                    {"type": self.type_name(str)},
-                    {"type": self.type_name(annotation.spec)},
-                ]
-            return annotation.name
         if annotation in _BUILTINS:
             name, json_type = _BUILTINS[annotation]
             self.entries.setdefault(
@@ -322,17 +254,3 @@ class Introspector:
                 member["default"] = None
             members.append(member)
         return members
-
-    def _union(self, union: Union) -> str:
-        if union.name in self.entries:
-            return union.name
-        entry: dict[str, object] = {"name": union.name, "meta-type": "object"}
-        self.entries[union.name] = entry
-        variants = []
-        common: list[dict[str, object]] | None = None
-        for case, cls in union.variants.items():
-            variants.append({"case": case, "type": self._object(cls)})
-            members = self._members(cls)
-            common = members if common is None else [m for m in common if m in members]
-        entry.update({"members": common or [], "tag": union.tag, "variants": variants})
-        return union.name

@@ -16,13 +16,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qmpvm.config.descriptors import fd_names, fdset_ids
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind
+from qmpvm.engine.settings import EngineSettings
 from qmpvm.errors import EngineError
 from qmpvm.fds import FdRegistry
 from qmpvm.monitor.client import Client
@@ -37,12 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[dict[str, object]], None]
-
-
-@dataclass(slots=True, kw_only=True)
-class EngineSettings:
-    binary: str = "qemu-system-x86_64"
-    cache_dir: Path | None = None
 
 
 class Vmm:

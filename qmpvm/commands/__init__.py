@@ -5,7 +5,15 @@ Importing this package registers every command in ``REGISTRY``.
 
 from __future__ import annotations
 
-from qmpvm.commands import fds, machine, queries, resources, runstate, session  # noqa: F401
+from qmpvm.commands import (  # noqa: F401
+    fds,
+    introspection,
+    machine,
+    queries,
+    resources,
+    runstate,
+    session,
+)
 from qmpvm.commands.common import REGISTRY
 
 __all__ = ["REGISTRY"]

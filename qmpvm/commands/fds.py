@@ -1,64 +1,47 @@
-"""Passing file descriptors: getfd/closefd by name, add-fd/remove-fd in sets."""
+"""Passing file descriptors: getfd/closefd by name, add-fd/remove-fd in sets.
+
+The arguments are the engine's (its schema checks them); the descriptors are
+qmpvm's to keep (``qmpvm.fds``) until a machine needs them.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from qmpvm.commands.common import REGISTRY
 from qmpvm.errors import ConfigError
-from qmpvm.monitor.dispatch import Call
+from qmpvm.monitor.dispatch import ENGINE_ARGS, Call
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class GetFd:
-    fdname: str
-
-
-@REGISTRY.command("getfd", args=GetFd)
+@REGISTRY.command("getfd", args=ENGINE_ARGS)
 async def getfd(call: Call) -> object:
-    args: GetFd = call.args
-    if args.fdname[:1].isdigit():
+    name = str(call.args["fdname"])
+    if name[:1].isdigit():
         raise ConfigError("Parameter 'fdname' must not start with a digit")
     names, _sets = call.vmm.fds_in_use()
-    if args.fdname in names:
-        raise ConfigError(f"File descriptor named '{args.fdname}' is in use by the configuration")
-    call.vmm.fds.getfd(args.fdname, call.client.take_fd(), call.client.id)
+    if name in names:
+        raise ConfigError(f"File descriptor named '{name}' is in use by the configuration")
+    call.vmm.fds.getfd(name, call.client.take_fd(), call.client.id)
     return {}
 
 
-@REGISTRY.command("closefd", args=GetFd)
+@REGISTRY.command("closefd", args=ENGINE_ARGS)
 async def closefd(call: Call) -> object:
-    args: GetFd = call.args
     names, _sets = call.vmm.fds_in_use()
-    call.vmm.fds.closefd(args.fdname, names)
+    call.vmm.fds.closefd(str(call.args["fdname"]), names)
     return {}
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AddFd:
-    fdset_id: int | None = None
-    opaque: str | None = None
-
-
-@REGISTRY.command("add-fd", args=AddFd, returns=object)
+@REGISTRY.command("add-fd", args=ENGINE_ARGS, returns=object)
 async def add_fd(call: Call) -> object:
-    args: AddFd = call.args
+    fdset_id, opaque = call.args.get("fdset-id"), call.args.get("opaque")
     fd = call.client.take_fd()
-    fdset_id = call.vmm.fds.add_fd(fd, call.client.id, args.fdset_id, args.opaque)
+    fdset_id = call.vmm.fds.add_fd(fd, call.client.id, fdset_id, opaque)
     return {"fdset-id": fdset_id, "fd": fd}
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RemoveFd:
-    fdset_id: int
-    fd: int | None = None
-
-
-@REGISTRY.command("remove-fd", args=RemoveFd)
+@REGISTRY.command("remove-fd", args=ENGINE_ARGS)
 async def remove_fd(call: Call) -> object:
-    args: RemoveFd = call.args
     _names, sets = call.vmm.fds_in_use()
-    call.vmm.fds.remove_fd(args.fdset_id, args.fd, sets)
+    call.vmm.fds.remove_fd(int(call.args["fdset-id"]), call.args.get("fd"), sets)
     return {}
 
 

@@ -1,17 +1,15 @@
-"""Machine creation: the boot-only settings, machine-init, and what the
-engine can build (answered from the capability cache, machine or not)."""
+"""Machine creation: the machine's settings, the boot source, machine-init."""
 
 from __future__ import annotations
 
 import os
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from qmpvm.commands.common import REGISTRY, change
 from qmpvm.config.boot import BootSet
 from qmpvm.config.machine import SETTINGS, MachineSet
-from qmpvm.errors import ConfigError, QmpvmError
+from qmpvm.errors import ConfigError
 from qmpvm.monitor.dispatch import BEFORE_INIT, ENGINE_ARGS, Call
 from qmpvm.schema import to_json
 from qmpvm.vmm import Vmm
@@ -132,48 +130,3 @@ async def machine_init(call: Call) -> object:
         check_boot_files(vmm.config.boot.kernel, vmm.config.boot.initrd)
         await vmm.init_machine()
     return {}
-
-
-@REGISTRY.command("query-machines", returns=object)
-async def query_machines(call: Call) -> object:
-    caps = await call.vmm.capabilities()
-    if caps is None:
-        raise QmpvmError("The engine's capabilities are unavailable (is QEMU installed?)")
-    seen: dict[str, object] = {}
-    for entry in caps.machines.values():
-        seen.setdefault(str(entry.get("name")), entry)
-    return list(seen.values())
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class QomListTypes:
-    implements: str | None = None
-    abstract: bool | None = None
-
-
-@REGISTRY.command("qom-list-types", args=QomListTypes, returns=object)
-async def qom_list_types(call: Call) -> object:
-    args: QomListTypes = call.args
-    caps = await call.vmm.capabilities()
-    if caps is None:
-        raise QmpvmError("The engine's capabilities are unavailable (is QEMU installed?)")
-    if args.implements not in (None, "device"):
-        return await call.vmm.forward("qom-list-types", to_json(args))
-    return [{"name": name} for name in caps.devices]  # names only: nothing to decode
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceListProperties:
-    typename: str
-
-
-@REGISTRY.command("device-list-properties", args=DeviceListProperties, returns=object)
-async def device_list_properties(call: Call) -> object:
-    args: DeviceListProperties = call.args
-    caps = await call.vmm.capabilities()
-    device = caps.devices.get(args.typename) if caps is not None else None
-    if device is None or device.properties is None:
-        if call.vmm.machine is not None:
-            return await call.vmm.forward("device-list-properties", to_json(args))
-        raise ConfigError(f"Device '{args.typename}' not found")
-    return [{"name": name, "type": kind} for name, kind in device.properties.items()]

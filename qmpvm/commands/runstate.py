@@ -6,12 +6,9 @@ dispatcher relays them, checked against the engine's schema.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from qmpvm.commands.common import REGISTRY
 from qmpvm.errors import ConfigError
-from qmpvm.monitor.dispatch import AFTER_INIT, Call
-from qmpvm.schema import to_json
+from qmpvm.monitor.dispatch import AFTER_INIT, ENGINE_ARGS, Call
 
 HMP_CHANGES_CONFIG = frozenset(
     {
@@ -30,23 +27,17 @@ HMP_CHANGES_CONFIG = frozenset(
 """HMP commands that would change what the store records behind its back."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HumanMonitorCommand:
-    command_line: str
-    cpu_index: int | None = None
-
-
-@REGISTRY.command("human-monitor-command", args=HumanMonitorCommand, returns=str, phases=AFTER_INIT)
+@REGISTRY.command("human-monitor-command", args=ENGINE_ARGS, returns=str, phases=AFTER_INIT)
 async def human_monitor_command(call: Call) -> object:
     """Forwarded, except what would change the configuration unrecorded."""
-    args: HumanMonitorCommand = call.args
-    name = args.command_line.split(maxsplit=1)[0] if args.command_line.strip() else ""
+    line = str(call.args["command-line"])
+    name = line.split(maxsplit=1)[0] if line.strip() else ""
     if name in HMP_CHANGES_CONFIG:
         raise ConfigError(
             f"HMP command '{name}' would change the configuration without qmpvm "
             f"recording it; use the QMP command instead"
         )
-    return await call.vmm.forward("human-monitor-command", to_json(args))
+    return await call.vmm.forward("human-monitor-command", call.args)
 
 
 for _event in ("STOP", "RESUME", "RESET", "SHUTDOWN", "POWERDOWN", "DEVICE_DELETED", "ENGINE_EXIT"):

@@ -9,18 +9,13 @@ from typing import TYPE_CHECKING, Any
 from qmpvm import QEMU_VERSION, __version__
 from qmpvm.commands.common import REGISTRY
 from qmpvm.errors import CommandNotFoundError
-from qmpvm.monitor.dispatch import UNRECORDED, Call
+from qmpvm.monitor.dispatch import ENGINE_ARGS, UNRECORDED, Call
 
 if TYPE_CHECKING:
     from qmpvm.monitor.protocol import Encoded
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Capabilities:
-    enable: list[str] | None = None
-
-
-@REGISTRY.command("qmp_capabilities", args=Capabilities)
+@REGISTRY.command("qmp_capabilities", args=ENGINE_ARGS)
 async def qmp_capabilities(call: Call) -> object:
     raise CommandNotFoundError("Capabilities negotiation is already complete, command ignored")
 

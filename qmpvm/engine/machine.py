@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 from qmpvm.config.model import Config
 from qmpvm.engine import process as engine_process
 from qmpvm.engine.launch import build_launch
+from qmpvm.engine.settings import EngineSettings
 from qmpvm.errors import EngineError
 from qmpvm.fds import FdRegistry
-from qmpvm.vmm import EngineSettings
 
 if TYPE_CHECKING:
     from qmpvm.engine.caps import Capabilities

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmpvm.errors import CommandNotFoundError, ErrorClass, PhaseError, QmpvmError, error_reply
 from qmpvm.monitor.protocol import Request
-from qmpvm.schema import Introspector, Union, check
+from qmpvm.schema import Introspector, check
 
 if TYPE_CHECKING:
     from qmpvm.monitor.client import Client
@@ -63,7 +63,7 @@ every other engine command qmpvm does not declare is relayed to the machine."""
 class CommandSpec:
     name: str
     handler: Handler
-    args: type | Union | str | None = None
+    args: type | str | None = None
     returns: object = None
     phases: frozenset[Phase] = ALWAYS
 
@@ -79,7 +79,7 @@ class Registry:
         self,
         name: str,
         *,
-        args: type | Union | str | None = None,
+        args: type | str | None = None,
         returns: object = None,
         phases: frozenset[Phase] = ALWAYS,
         aliases: Iterable[str] = (),

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -263,7 +265,26 @@ def _plain(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-_ENCODER = json.JSONEncoder(separators=(", ", ": "), default=_plain)
+_ENCODER = json.JSONEncoder(separators=(", ", ": "), default=_plain, allow_nan=False)
+
+
+def _finite(value: object) -> object:
+    """``value`` with inf and nan (``1e999`` in a request's id) made JSON: the
+    largest double of that sign, and null; JSON has no infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else math.copysign(sys.float_info.max, value)
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _encode(value: object) -> str:
+    try:
+        return _ENCODER.encode(value)
+    except ValueError:  # a non-finite number: rare, so checked only when it happens
+        return _ENCODER.encode(_finite(value))
 
 
 class Encoded:
@@ -273,18 +294,18 @@ class Encoded:
     __slots__ = ("text",)
 
     def __init__(self, value: object) -> None:
-        self.text = _ENCODER.encode(value)
+        self.text = _encode(value)
 
 
 def encode(message: Mapping[str, object]) -> bytes:
     """One line of output, as QEMU writes it."""
     value = message.get("return")
     if isinstance(value, Encoded):
-        rest = _ENCODER.encode({k: v for k, v in message.items() if k != "return"})
+        rest = _encode({k: v for k, v in message.items() if k != "return"})
         return f'{{"return": {value.text}{", " if len(rest) > 2 else ""}{rest[1:]}'.encode() + (
             b"\r\n"
         )
-    return _ENCODER.encode(message).encode() + b"\r\n"
+    return _encode(message).encode() + b"\r\n"
 
 
 def event(name: str, data: Mapping[str, object] | None, now: float) -> dict[str, object]:

@@ -1,0 +1,12 @@
+"""Which engine to run and where its capabilities are cached: set once per process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(slots=True, kw_only=True)
+class EngineSettings:
+    binary: str = "qemu-system-x86_64"
+    cache_dir: Path | None = None
