@@ -198,8 +198,9 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
 
 
 def adopt_inherited_fds(vmm: Vmm, options: Options) -> None:
-    """``-add-fd``: descriptors qmpvm was started with join their fdsets, owned by
-    the command line's replay: what its commands leave unused is then closed."""
+    """Descriptors qmpvm was started with: ``-add-fd`` ones join their fdsets,
+    those a netdev or chardev names by number become getfd names; all owned by
+    the command line's replay, so what its commands leave unused is closed."""
     import os
 
     for inherited in options.inherited_fds:
@@ -209,6 +210,13 @@ def adopt_inherited_fds(vmm: Vmm, options: Options) -> None:
             raise StartupError(f"-add-fd fd={inherited.fd}: {err.strerror}") from err
         os.set_inheritable(inherited.fd, False)
         vmm.fds.add_fd(inherited.fd, REPLAY_CLIENT, inherited.set, inherited.opaque)
+    for named in options.named_fds:
+        try:
+            os.fstat(named.fd)
+        except OSError as err:
+            raise StartupError(f"file descriptor {named.fd}: {err.strerror}") from err
+        os.set_inheritable(named.fd, False)
+        vmm.fds.getfd(named.name, named.fd, REPLAY_CLIENT)
 
 
 def _write_pidfile(path: str) -> None:

@@ -105,7 +105,7 @@ class Vmm:
         names: set[str] = set()
         sets: set[int] = set()
         for resource in self.config.resources:
-            if resource.kind is Kind.NETDEV:
+            if resource.kind in (Kind.NETDEV, Kind.CHARDEV):
                 names.update(fd_names(resource.args))
             sets |= fdset_ids(resource.args)
         return names, sets

@@ -58,7 +58,11 @@ def _stop_leftover_qmpvm() -> Iterator[None]:
 
 
 def start_qmpvm(
-    tmp: Path, *extra: str, state_dir: Path | None = None, name: str = "qmp"
+    tmp: Path,
+    *extra: str,
+    state_dir: Path | None = None,
+    name: str = "qmp",
+    pass_fds: tuple[int, ...] = (),
 ) -> QmpvmProcess:
     sock = tmp / f"{name}.sock"
     stderr_path = tmp / f"{name}.stderr"
@@ -67,7 +71,7 @@ def start_qmpvm(
         argv += ["--state-dir", str(state_dir)]
     argv += list(extra) or ["--preconfig"]
     with stderr_path.open("wb") as stderr:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=stderr, pass_fds=pass_fds)
     deadline = time.monotonic() + 15
     while not sock.exists():
         if process.poll() is not None:

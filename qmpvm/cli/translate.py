@@ -25,6 +25,7 @@ from enum import StrEnum
 from typing import NoReturn, Protocol
 
 from qmpvm.config import chardev, kinds
+from qmpvm.config.descriptors import NETDEV_FD_MEMBERS, chardev_fd
 from qmpvm.config.machine import SETTINGS
 from qmpvm.config.resource import Kind
 from qmpvm.errors import ArgumentError
@@ -50,10 +51,20 @@ class InheritedFd:
 
 
 @dataclass(slots=True, kw_only=True)
+class NamedFd:
+    """A descriptor qmpvm was started with that a netdev or chardev names by
+    number (``fd=29``): it becomes the getfd name ``name``."""
+
+    fd: int
+    name: str
+
+
+@dataclass(slots=True, kw_only=True)
 class Options:
     commands: list[dict[str, object]] = field(default_factory=list)
     listeners: list[Listener] = field(default_factory=list)
     inherited_fds: list[InheritedFd] = field(default_factory=list)
+    named_fds: list[NamedFd] = field(default_factory=list)
     start: Start = Start.RUN
     state_dir: str | None = None
     config_file: str | None = None
@@ -351,14 +362,14 @@ class Translator:
         if value != "none" and not value.startswith("chardev:"):
             if value.startswith("mon:"):
                 self.fail(f"{option} {value}: HMP monitors are not offered (QMP is: -qmp)")
-            chardev_id = self.next_id(name)
+            chardev_id = "debugcon" if name == "debugcon" else self.next_id(name)
             tree = self.typer.group("chardev", sugar.chardev_spec(value, chardev_id))
             self.add(Kind.CHARDEV, chardev.from_legacy(tree))
             value = f"chardev:{chardev_id}"
         self.set(name, value)
 
-    def watchdog(self, option: str, value: str) -> None:
-        self.add(Kind.DEVICE, {"driver": value})
+    def gdb_default(self, option: str, value: str) -> None:
+        self.set("gdb", "tcp::1234")
 
     # -- the qmpvm process -------------------------------------------------
 
@@ -444,8 +455,29 @@ class Translator:
                 self.fail("-initrd and -append need -kernel")
             opts.commands.append(_cmd("boot-set", self.boot))
         for kind, args in creation_order(resources):
-            opts.commands.append(_cmd(kinds.KINDS[kind].add, args))
+            opts.commands.append(_cmd(kinds.KINDS[kind].add, self.name_fds(kind, args)))
         return opts
+
+    def name_fds(self, kind: Kind, args: dict[str, object]) -> dict[str, object]:
+        """Descriptor numbers given on the command line become getfd names of
+        descriptors qmpvm inherited (QMP names them; the engine gets them)."""
+        if kind is Kind.NETDEV:
+            for member in NETDEV_FD_MEMBERS:
+                value = args.get(member)
+                if isinstance(value, str) and value.replace(":", "").isdigit():
+                    args[member] = ":".join(self.inherit(int(n)) for n in value.split(":"))
+        elif kind is Kind.CHARDEV:
+            number = chardev_fd(args)
+            if number is not None and number.isdigit():
+                data = args["backend"]["data"]  # type: ignore[index]
+                data["addr"] = {"type": "fd", "data": {"str": self.inherit(int(number))}}
+        return args
+
+    def inherit(self, fd: int) -> str:
+        name = f"fd{fd}"
+        if all(named.fd != fd for named in self.options.named_fds):
+            self.options.named_fds.append(NamedFd(fd=fd, name=name))
+        return name
 
 
 class _HelpRequestedError(Exception):
@@ -514,9 +546,8 @@ _DRIVE_SHORTHANDS: Mapping[str, tuple[str | None, int | None, str | None]] = {
 _SETTING_OF = {s.option: s for s in SETTINGS.values() if s.option is not None}
 
 T = Translator
+_GUI = "graphical user interfaces are not offered (use -vnc or -spice)"
 _REFUSED = {
-    "-monitor-pretty": "pretty-printed QMP is not offered",
-    "-qmp-pretty": "pretty-printed QMP is not offered; use -qmp",
     "-runas": "the engine's confinement is qmpvm's to set up",
     "-chroot": "the engine's confinement is qmpvm's to set up",
     "-set": "change the option itself instead",
@@ -525,38 +556,17 @@ _REFUSED = {
     "-d": "engine debugging options are not offered",
     "-dfilter": "engine debugging options are not offered",
     "-trace": "engine debugging options are not offered",
-    "-singlestep": "engine debugging options are not offered",
     "-dump-vmstate": "engine debugging options are not offered",
-    "-enable-sync-profile": "engine debugging options are not offered",
-    "-plugin": "TCG plugins are not offered",
-    "-semihosting": "not an x86 option",
-    "-semihosting-config": "not an x86 option",
     "-xen-domid": "Xen is not an engine qmpvm drives",
+    "-echr": "HMP monitors are not offered",
+    "-full-screen": _GUI,
+    "-portrait": _GUI,
+    "-rotate": _GUI,
+    "-qmp-pretty": "pretty-printed QMP is not offered; use -qmp",
     "-xen-attach": "Xen is not an engine qmpvm drives",
     "-xen-domid-restrict": "Xen is not an engine qmpvm drives",
-    "-full-screen": "graphical user interfaces are not offered",
-    "-g": "graphical user interfaces are not offered",
-    "-portrait": "graphical user interfaces are not offered",
-    "-rotate": "graphical user interfaces are not offered",
-    "-alt-grab": "graphical user interfaces are not offered",
-    "-ctrl-grab": "graphical user interfaces are not offered",
-    "-no-quit": "graphical user interfaces are not offered",
-    "-no-frame": "graphical user interfaces are not offered",
-    "-sdl": "graphical user interfaces are not offered",
-    "-curses": "graphical user interfaces are not offered",
-    "-show-cursor": "graphical user interfaces are not offered",
-    "-echr": "HMP monitors are not offered",
-    "-gdb": "the engine's gdb stub is not offered",
-    "-s": "the engine's gdb stub is not offered",
-    "-compat": "deprecation policy options are not offered",
-    "-only-migratable": "not offered yet",
-    "-async-teardown": "not an option of QEMU 7.2",
-    "-old-param": "not an x86 option",
-    "-win2k-hack": "removed from QEMU",
-    "-no-fd-bootchk": "removed from QEMU",
-    "-soundhw": "removed from QEMU: use -device",
-    "-acpitable": "not offered yet",
 }
+_REFUSED_FLAGS = ("-full-screen", "-portrait", "-xen-attach", "-xen-domid-restrict")
 
 OPTIONS: dict[str, Option] = {
     # the machine settings that are one option each (more specific handlers below)
@@ -602,7 +612,6 @@ OPTIONS: dict[str, Option] = {
     "-kernel": Option(T.boot_source, True, "FILE"),
     "-initrd": Option(T.boot_source, True, "FILE"),
     "-append": Option(T.boot_source, True, "CMDLINE"),
-    "-dtb": Option(None, True, "device trees are not used on x86"),
     # resources
     "-object": Option(T.object_, True, "TYPE,id=ID,...|JSON: object-add"),
     "-chardev": Option(T.chardev, True, "BACKEND,id=ID,...: chardev-add"),
@@ -612,15 +621,14 @@ OPTIONS: dict[str, Option] = {
     "-device": Option(T.device, True, "DRIVER,...|JSON: device_add"),
     "-serial": Option(T.serial, True, "chardev:ID|file:F|unix:P|tcp:H:P|pty|null|none..."),
     "-parallel": Option(T.serial, True, "as -serial"),
-    "-watchdog": Option(T.watchdog, True, "MODEL: -device MODEL"),
+    "-debugcon": Option(T.serial, True, "as -serial: the ISA debug console"),
+    "-s": Option(T.gdb_default, False, "-gdb tcp::1234"),
+    "-audio-help": Option(T.engine_help, False, "the engine prints it"),
     **{name: Option(T.drive_shorthand, True, "FILE: -drive") for name in _DRIVE_SHORTHANDS},
     **{name: Option(None, True, reason) for name, reason in _REFUSED.items()},
 }
 OPTIONS["-global"] = Option(T.global_, True, "DRIVER.PROPERTY=VALUE: machine-set 'global'")
-for _flag in ("-s", "-no-quit", "-no-frame", "-full-screen", "-alt-grab", "-ctrl-grab",
-              "-show-cursor", "-portrait", "-win2k-hack", "-no-fd-bootchk", "-only-migratable",
-              "-singlestep", "-enable-sync-profile", "-sdl", "-curses", "-xen-attach",
-              "-xen-domid-restrict", "-async-teardown"):  # fmt: skip
+for _flag in _REFUSED_FLAGS:
     OPTIONS[_flag] = Option(None, False, _REFUSED[_flag])
 
 FLAGS = frozenset(name for name, option in OPTIONS.items() if not option.takes_value) | {

@@ -71,7 +71,7 @@ async def add(call: Call) -> object:
             f"'{spec.add}' is boot-only and the machine exists; it is only allowed "
             "before machine-init"
         )
-    names = fd_names(args) if spec.kind is Kind.NETDEV else []
+    names = fd_names(args) if spec.kind in (Kind.NETDEV, Kind.CHARDEV) else []
     for name in names:
         if name not in vmm.fds.named:
             raise ConfigError(f"File descriptor named '{name}' has not been found")

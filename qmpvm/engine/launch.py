@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qmpvm.config import chardev
-from qmpvm.config.descriptors import NETDEV_FD_MEMBERS
+from qmpvm.config.descriptors import NETDEV_FD_MEMBERS, chardev_fd
 from qmpvm.config.kinds import KINDS
 from qmpvm.config.machine import SETTINGS, MachineConfig, MiB
 from qmpvm.config.model import Config
@@ -142,7 +142,8 @@ def machine_options(machine: MachineConfig, accel: str) -> list[str]:
 
 def _option_value(resource: Resource, named_fds: Mapping[str, int]) -> tuple[str, list[int]]:
     if resource.kind is Kind.CHARDEV:
-        return chardev_option(resource.args), []
+        args, fds = _chardev_fd_number(resource.args, named_fds)
+        return chardev_option(args), fds
     if resource.kind is Kind.DRIVE:
         return encode(dict(resource.args)), []
     if resource.kind is Kind.OBJECT:
@@ -164,6 +165,24 @@ def _object_option(args: Mapping[str, object]) -> dict[str, object]:
     if isinstance(props, dict):
         out.update(props)
     return out
+
+
+def _chardev_fd_number(
+    args: Mapping[str, object], named_fds: Mapping[str, int]
+) -> tuple[Mapping[str, object], list[int]]:
+    """A socket chardev on a passed descriptor, its getfd name made the inherited number."""
+    name = chardev_fd(args)
+    if name is None:
+        return args, []
+    if name not in named_fds:
+        raise ConfigError(
+            f"chardev '{args.get('id')}' needs file descriptor '{name}': pass it with getfd"
+        )
+    backend = dict(args["backend"])  # type: ignore[call-overload]
+    data = dict(backend["data"])
+    data["addr"] = {"type": "fd", "data": {"str": str(named_fds[name])}}
+    backend["data"] = data
+    return {**args, "backend": backend}, [named_fds[name]]
 
 
 def resolve_fd_names(

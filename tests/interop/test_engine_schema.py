@@ -155,3 +155,40 @@ async def test_boot_only_kinds_are_refused_once_the_machine_exists(tmp_path: Pat
     )
     assert "would change the configuration without qmpvm recording it" in str(err)
     await quit_and_disconnect(client)
+
+
+async def test_descriptors_a_command_line_names_by_number_reach_the_engine(
+    tmp_path: Path,
+) -> None:
+    """libvirt passes listening sockets and log files as numbered descriptors."""
+    import os
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "channel.sock"))
+    listener.listen(1)
+    log = os.open(tmp_path / "serial.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(listener.fileno(), 1740, inheritable=True)
+    os.dup2(log, 1741, inheritable=True)
+    listener.close()
+    os.close(log)
+    argv = [
+        "-M", "pc,accel=tcg", "-nodefaults", "-S",
+        "-chardev", "socket,id=ch0,fd=1740,server=on,wait=off",
+        "-device", "isa-serial,chardev=ch0",
+        "-add-fd", "set=3,fd=1741,opaque=log",
+        "-chardev", "file,id=ch1,path=/dev/fdset/3,append=on",
+        "-device", "isa-serial,chardev=ch1",
+    ]  # fmt: skip
+    try:
+        proc = start_qmpvm(tmp_path, *argv, pass_fds=(1740, 1741))
+    finally:
+        os.close(1740)
+        os.close(1741)
+    client = await connect(proc)
+    chardevs = {c["label"]: c["filename"] for c in await client.execute("query-chardev")}
+    assert chardevs["ch0"] == f"disconnected:unix:{tmp_path / 'channel.sock'},server=on"
+    assert chardevs["ch1"] == "file"
+    assert await client.execute("query-fdsets") == [
+        {"fdset-id": 3, "fds": [{"fd": 1741, "opaque": "log"}]}
+    ]
+    await quit_and_disconnect(client)
