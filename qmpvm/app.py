@@ -270,4 +270,8 @@ def run(options: Options, early: EarlyMonitor | None = None) -> int:
         for command in options.machine_commands():
             print(json.dumps(command))
         return 0
-    return asyncio.run(serve(options, early))
+    try:
+        return asyncio.run(serve(options, early))
+    finally:
+        if options.pidfile:  # as QEMU does: the file names a running process only
+            Path(options.pidfile).unlink(missing_ok=True)

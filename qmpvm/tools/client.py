@@ -34,7 +34,8 @@ async def _one_shot(target: str, command: str, arguments: dict[str, object] | No
         print(f"qmpvm qmp: {command}: {err.error_class}: {err}", file=sys.stderr)
         return 1
     finally:
-        await client.disconnect()
+        with contextlib.suppress(EOFError, ConnectionError):  # after quit, the server goes first
+            await client.disconnect()
     print(json.dumps(reply, indent=2))
     return 0
 
