@@ -201,22 +201,23 @@ def adopt_inherited_fds(vmm: Vmm, options: Options) -> None:
     """Descriptors qmpvm was started with: ``-add-fd`` ones join their fdsets,
     those a netdev or chardev names by number become getfd names; all owned by
     the command line's replay, so what its commands leave unused is closed."""
-    import os
-
     for inherited in options.inherited_fds:
-        try:
-            os.fstat(inherited.fd)
-        except OSError as err:
-            raise StartupError(f"-add-fd fd={inherited.fd}: {err.strerror}") from err
-        os.set_inheritable(inherited.fd, False)
+        _take_inherited(inherited.fd, f"-add-fd fd={inherited.fd}")
         vmm.fds.add_fd(inherited.fd, REPLAY_CLIENT, inherited.set, inherited.opaque)
     for named in options.named_fds:
-        try:
-            os.fstat(named.fd)
-        except OSError as err:
-            raise StartupError(f"file descriptor {named.fd}: {err.strerror}") from err
-        os.set_inheritable(named.fd, False)
+        _take_inherited(named.fd, f"file descriptor {named.fd}")
         vmm.fds.getfd(named.name, named.fd, REPLAY_CLIENT)
+
+
+def _take_inherited(fd: int, what: str) -> None:
+    """An inherited descriptor must be open; the engine gets it only when it is used."""
+    import os
+
+    try:
+        os.fstat(fd)
+    except OSError as err:
+        raise StartupError(f"{what}: {err.strerror}") from err
+    os.set_inheritable(fd, False)
 
 
 def _write_pidfile(path: str) -> None:

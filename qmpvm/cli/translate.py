@@ -412,21 +412,15 @@ class Translator:
             self.options.start = Start.PRECONFIG
 
     def process(self, option: str, value: str) -> None:
-        opts = self.options
-        if option == "-state-dir":
-            opts.state_dir = value
-        elif option == "-config":
-            opts.config_file = value
-        elif option == "-engine":
-            opts.engine = value
-        elif option == "-pidfile":
-            opts.pidfile = value
-        elif option == "-daemonize":
-            opts.daemonize = True
-        elif option == "-print-qmp":
-            opts.print_qmp = True
-        elif option in ("-v", "-verbose"):
-            opts.verbosity += 1
+        """An option of the qmpvm process: an ``Options`` field, set or counted."""
+        field_name = _PROCESS_FIELDS[option]
+        current = getattr(self.options, field_name)
+        if isinstance(current, bool):
+            setattr(self.options, field_name, True)
+        elif isinstance(current, int):
+            setattr(self.options, field_name, current + 1)
+        else:
+            setattr(self.options, field_name, value)
 
     def hotplug_ports(self, option: str, value: str) -> None:
         self.set("hotplug-ports", _int(value))
@@ -536,6 +530,11 @@ def _int(text: str) -> int:
         raise UsageError(f"invalid number '{text}'") from None
 
 
+_PROCESS_FIELDS = {
+    "-state-dir": "state_dir", "-config": "config_file", "-engine": "engine",
+    "-pidfile": "pidfile", "-daemonize": "daemonize", "-print-qmp": "print_qmp",
+    "-v": "verbosity", "-verbose": "verbosity",
+}  # fmt: skip
 _PROPERTY_FLAGS = {"-no-acpi": ("acpi", "off"), "-no-hpet": ("hpet", "off"), "-usb": ("usb", "on")}
 _DRIVE_SHORTHANDS: Mapping[str, tuple[str | None, int | None, str | None]] = {
     "-hda": (None, 0, None), "-hdb": (None, 1, None), "-hdc": (None, 2, None),
