@@ -34,14 +34,21 @@ DRIVE_BUS_UNITS: Mapping[str, int] = {"ide": 2, "scsi": 7}
 
 
 def drive_id(
-    tree: Mapping[str, object], default_if: str, taken: Sequence[tuple[str, int, int]]
+    tree: Mapping[str, object],
+    default_if: str,
+    taken: Sequence[tuple[str, int, int]],
+    default_units: int | None = None,
 ) -> tuple[str, int, int]:
     """QEMU's name for a -drive without id, and its (bus, unit).
 
-    ``taken`` lists (interface, bus, unit) of the drives before it.
+    ``taken`` lists (interface, bus, unit) of the drives before it;
+    ``default_units`` is the machine's units per bus of its default interface
+    where it differs (q35's AHCI: 1).
     """
     interface = str(tree.get("if", default_if))
     max_devs = DRIVE_BUS_UNITS.get(interface, 0)
+    if interface == default_if and default_units is not None:
+        max_devs = default_units
     index = _int(tree.get("index"), -1)
     bus, unit = _int(tree.get("bus"), 0), _int(tree.get("unit"), -1)
     if index != -1:

@@ -18,6 +18,7 @@ does; the parsing itself is pure.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -123,6 +124,9 @@ class Option:
 
 
 _HELP_VALUES = ("help", "?")
+DEFAULT_MACHINE = "pc"
+"""QEMU's machine when a command line names none (qmpvm's own default, for a
+machine configured over QMP, is q35)."""
 _DEFAULT_IF = {"q35": "ide", "pc": "ide", "microvm": "virtio", "isapc": "ide"}
 
 
@@ -136,11 +140,11 @@ class Translator:
         self.boot: dict[str, object] = {}
         self.resources: list[tuple[Kind, dict[str, object]]] = []
         self.json_devices: list[tuple[Kind, dict[str, object]]] = []
-        self.deferred_devices: list[dict[str, object]] = []
         self.monitors: list[str] = []  # chardev ids that -mon makes QMP monitors
         self.drives: list[tuple[str, int, int]] = []
         self.defaults = True
         self.counters: dict[str, int] = {}
+        self.line_type: str | None = None
 
     # -- helpers ---------------------------------------------------------
 
@@ -182,7 +186,8 @@ class Translator:
         return parse(text, implied), False
 
     def machine_type(self) -> str:
-        return str(self.settings.get("type", "q35"))
+        """The type the whole line asks for (-M may come after a -drive that needs it)."""
+        return str(self.settings.get("type", self.line_type or DEFAULT_MACHINE))
 
     # -- the machine -----------------------------------------------------
 
@@ -335,12 +340,12 @@ class Translator:
         self.add_drive(tree)
 
     def add_drive(self, tree: dict[str, object]) -> None:
-        family = self.machine_type().split("-")[0]
+        machine = self.machine_type()
+        family = "q35" if "q35" in machine else machine.split("-")[0]
         default_if = _DEFAULT_IF.get(family, "ide")
-        if "id" not in tree:
-            tree["id"], bus, unit = sugar.drive_id(tree, default_if, self.drives)
-        else:
-            _name, bus, unit = sugar.drive_id(tree, default_if, self.drives)
+        units = 1 if family == "q35" else None  # AHCI: one unit per bus
+        name, bus, unit = sugar.drive_id(tree, default_if, self.drives, units)
+        tree.setdefault("id", name)
         self.drives.append((str(tree.get("if", default_if)), bus, unit))
         self.add(Kind.DRIVE, tree)
 
@@ -440,8 +445,12 @@ class Translator:
                 self.fail(f"-mon: chardev '{chardev_id}' not found")
             opts.listeners.append(_monitor_listener(found[0]))
             resources = [(k, a) for k, a in resources if a is not found[0]]
-        if self.defaults:
-            self.settings["defaults"] = True
+        if self.settings or resources or self.boot:
+            # the line describes a machine: what QEMU would build from it, its
+            # defaults (default devices, the pc machine) included
+            self.settings.setdefault("type", DEFAULT_MACHINE)
+            if self.defaults:
+                self.settings["defaults"] = True
         if self.settings:
             opts.commands.append(_cmd("machine-set", self.settings))
         if self.boot:
@@ -639,6 +648,9 @@ FLAGS = frozenset(name for name, option in OPTIONS.items() if not option.takes_v
 def translate(argv: list[str], typer: Typer | None = None) -> Options:
     """``argv`` as ``Options``; UsageError names the option that is refused."""
     translator = Translator(typer or Untyped())
+    for option, value in itertools.pairwise(argv):
+        if option.lstrip("-") in ("M", "machine") and not value.startswith("{"):
+            translator.line_type = str(parse(value, "type").get("type", "")) or None
     args = iter(argv)
     for raw in args:
         option = "-" + raw.lstrip("-") if raw.startswith("-") else raw

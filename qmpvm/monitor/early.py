@@ -34,12 +34,11 @@ _NO_EARLY_MONITOR = frozenset({"-h", "-help", "-version", "-print-qmp", "-daemon
 """Options after which nothing is served early: qmpvm exits, or forks first."""
 
 FLAGS = _NO_EARLY_MONITOR | {
-    "-S", "-preconfig", "-v", "-verbose", "-nographic", "-enable-kvm", "-daemonize",
-    "-nodefaults", "-no-user-config", "-no-shutdown", "-no-reboot", "-no-acpi", "-no-hpet",
-    "-usb", "-snapshot", "-mem-prealloc", "-s", "-no-quit", "-no-frame", "-full-screen",
-    "-alt-grab", "-ctrl-grab", "-show-cursor", "-portrait", "-win2k-hack", "-no-fd-bootchk",
-    "-only-migratable", "-singlestep", "-enable-sync-profile", "-sdl", "-curses",
-    "-xen-attach", "-xen-domid-restrict", "-async-teardown",
+    "-S", "-preconfig", "-v", "-verbose", "-nographic", "-enable-kvm", "-nodefaults",
+    "-no-user-config", "-no-shutdown", "-no-reboot", "-no-acpi", "-no-hpet", "-usb",
+    "-snapshot", "-mem-prealloc", "-s", "-audio-help", "-only-migratable", "-singlestep",
+    "-win2k-hack", "-no-fd-bootchk", "-async-teardown", "-enable-sync-profile",
+    "-full-screen", "-portrait", "-xen-attach", "-xen-domid-restrict",
 }  # fmt: skip
 """The command-line options that take no value (``cli`` handles each)."""
 

@@ -93,7 +93,7 @@ def test_each_option_is_a_qmp_command() -> None:
 
 def test_nothing_of_the_reported_mistranslations_is_lost() -> None:
     cmds = commands(
-        "-smp", "2,sockets=2,cores=1,threads=1", "-m", "size=1G,slots=16,maxmem=4G",
+        "-M", "q35", "-smp", "2,sockets=2,cores=1,threads=1", "-m", "size=1G,slots=16,maxmem=4G",
         "-drive", "file=/d,cache=none,media=cdrom,index=1",
         "-netdev", '{"type":"user","id":"n0"}',
         "-chardev", "socket,id=c1,host=localhost,port=1234,reconnect=10", "--preconfig",
@@ -103,7 +103,7 @@ def test_nothing_of_the_reported_mistranslations_is_lost() -> None:
     assert machine["smp"] == {"sockets": 2, "cores": 1, "threads": 1}
     assert (machine["memory"], machine["memory-slots"], machine["maxmem"]) == (1 << 30, 16, 4 << 30)
     assert by_name(cmds, "drive-add") == [
-        {"file": "/d", "cache": "none", "media": "cdrom", "index": 1, "id": "ide0-cd1"}
+        {"file": "/d", "cache": "none", "media": "cdrom", "index": 1, "id": "ide1-cd0"}
     ]
     assert by_name(cmds, "netdev_add") == [{"type": "user", "id": "n0"}]
     (client,) = by_name(cmds, "chardev-add")
@@ -144,6 +144,8 @@ def test_qemu_drive_names() -> None:
     )  # fmt: skip
     ids = [args["id"] for args in by_name(cmds, "drive-add")]
     assert ids == ["virtio0", "virtio1", "ide0-hd0", "ide1-cd0", "scsi0-hd0", "none0", "floppy0"]
+    q35 = commands("-M", "q35", "-hda", "/a", "-hdb", "/b", "-cdrom", "/c", "--preconfig")
+    assert [a["id"] for a in by_name(q35, "drive-add")] == ["ide0-hd0", "ide1-hd0", "ide2-cd0"]
 
 
 def test_resources_are_created_in_qemus_order() -> None:
@@ -162,9 +164,14 @@ def test_resources_are_created_in_qemus_order() -> None:
     ]
 
 
-def test_defaults_follow_nodefaults() -> None:
-    assert by_name(commands("-S"), "machine-set") == [{"defaults": True}]
-    assert by_name(commands("-nodefaults", "-S"), "machine-set") == []
+def test_defaults_are_qemus_when_the_line_describes_a_machine() -> None:
+    assert by_name(commands("-m", "256", "-S"), "machine-set") == [
+        {"memory": 256 << 20, "type": "pc", "defaults": True}
+    ]
+    assert by_name(commands("-m", "256", "-nodefaults", "-S"), "machine-set") == [
+        {"memory": 256 << 20, "type": "pc"}
+    ]
+    assert by_name(commands("-S"), "machine-set") == [], "no machine described: none changed"
 
 
 def test_start_modes() -> None:
@@ -324,7 +331,7 @@ def test_print_qmp_and_errors_from_the_real_entry_point() -> None:
         check=True,
     )
     assert [json.loads(line) for line in out.stdout.splitlines()] == [
-        {"execute": "machine-set", "arguments": {"memory": 256 << 20}},
+        {"execute": "machine-set", "arguments": {"memory": 256 << 20, "type": "pc"}},
         {"execute": "machine-init"},
     ]
     bad = subprocess.run(

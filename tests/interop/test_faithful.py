@@ -57,7 +57,8 @@ async def test_qmpvm_builds_what_qemu_builds(sample: Path, tmp_path: Path) -> No
 
 HAND_WRITTEN = {
     "defaults-pc": "-M pc -accel tcg -m 128",
-    "defaults-q35": "-M q35 -accel tcg -m 128 -vga std",
+    "defaults-q35": "-M q35 -accel tcg -m 128 -vga std -drive file=/var/q0,format=raw "
+    "-drive file=/var/q1,format=raw -cdrom /var/q.iso",
     "drives": "-M pc -accel tcg -nodefaults -drive file=/var/d0,format=raw,if=virtio "
     "-drive file=/var/d1,format=raw,if=ide,cache=none,media=disk,index=1 "
     "-cdrom /var/cd.iso -device lsi -drive file=/var/d2,format=raw,if=none,id=d2,werror=stop,"
