@@ -121,3 +121,26 @@ def _flags(options: Sequence[str]) -> dict[str, object]:
         else:
             out[key] = value if sep else "on"
     return out
+
+
+_SECTION = re.compile(r'^\[\s*([\w-]+)\s*(?:"([^"]*)")?\s*\]$')
+_ITEM = re.compile(r'^([\w.-]+)\s*=\s*"(.*)"$')
+
+
+def config_sections(text: str, where: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """QEMU's ``-readconfig`` file: ``[group "id"]`` sections of ``key = "value"``
+    lines; an id becomes the section's ``id`` item (``qemu_config_parse``)."""
+    sections: list[tuple[str, list[tuple[str, str]]]] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        section, item = _SECTION.match(line), _ITEM.match(line)
+        if section is not None:
+            group, section_id = section.groups()
+            sections.append((group, [("id", section_id)] if section_id else []))
+        elif item is not None and sections:
+            sections[-1][1].append((item.group(1), item.group(2)))
+        else:
+            raise ArgumentError(f"{where}:{number}: cannot parse '{line}'")
+    return sections

@@ -23,6 +23,7 @@ import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import NoReturn, Protocol
 
 from qmpvm.config import chardev, kinds
@@ -373,6 +374,19 @@ class Translator:
             value = f"chardev:{chardev_id}"
         self.set(name, value)
 
+    def readconfig(self, option: str, value: str) -> None:
+        """QEMU's config file: each ``[group "id"]`` section is that group's option."""
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except OSError as err:
+            self.fail(f"-readconfig {value}: {err.strerror}")
+        for group, items in sugar.config_sections(text, value):
+            name = _READCONFIG_OPTIONS.get(group, "")
+            spec = OPTIONS.get(name)
+            if spec is None or spec.handler is None:
+                self.fail(f"-readconfig {value}: group [{group}] is not supported")
+            spec.handler(self, name, ",".join(f"{k}={v.replace(',', ',,')}" for k, v in items))
+
     def gdb_default(self, option: str, value: str) -> None:
         self.set("gdb", "tcp::1234")
 
@@ -539,6 +553,16 @@ def _int(text: str) -> int:
         raise UsageError(f"invalid number '{text}'") from None
 
 
+_READCONFIG_OPTIONS = {
+    "drive": "-drive", "device": "-device", "chardev": "-chardev", "netdev": "-netdev",
+    "object": "-object", "machine": "-machine", "memory": "-m", "smp-opts": "-smp",
+    "name": "-name", "rtc": "-rtc", "boot-opts": "-boot", "global": "-global",
+    "numa": "-numa", "mon": "-mon", "accel": "-accel", "fsdev": "-fsdev",
+    "action": "-action", "msg": "-msg", "overcommit": "-overcommit", "sandbox": "-sandbox",
+    "icount": "-icount", "fw_cfg": "-fw_cfg", "option-rom": "-option-rom",
+    "iscsi": "-iscsi", "tpmdev": "-tpmdev", "spice": "-spice", "vnc": "-vnc",
+}  # fmt: skip
+"""``-readconfig`` groups -> the option each section stands for (QEMU's names)."""
 _PROCESS_FIELDS = {
     "-state-dir": "state_dir", "-config": "config_file", "-engine": "engine",
     "-pidfile": "pidfile", "-daemonize": "daemonize", "-print-qmp": "print_qmp",
@@ -559,7 +583,6 @@ _REFUSED = {
     "-runas": "the engine's confinement is qmpvm's to set up",
     "-chroot": "the engine's confinement is qmpvm's to set up",
     "-set": "change the option itself instead",
-    "-readconfig": "replay a config-export with --config instead",
     "-D": "engine debugging options are not offered",
     "-d": "engine debugging options are not offered",
     "-dfilter": "engine debugging options are not offered",
@@ -631,6 +654,7 @@ OPTIONS: dict[str, Option] = {
     "-parallel": Option(T.serial, True, "as -serial"),
     "-debugcon": Option(T.serial, True, "as -serial: the ISA debug console"),
     "-s": Option(T.gdb_default, False, "-gdb tcp::1234"),
+    "-readconfig": Option(T.readconfig, True, "FILE: QEMU's config file, each section an option"),
     "-audio-help": Option(T.engine_help, False, "the engine prints it"),
     **{name: Option(T.drive_shorthand, True, "FILE: -drive") for name in _DRIVE_SHORTHANDS},
     **{name: Option(None, True, reason) for name, reason in _REFUSED.items()},

@@ -267,7 +267,7 @@ SAMPLES: dict[str, str | None] = {
     "-icount": "shift=MARK", "-fw_cfg": "name=opt/MARK,string=x", "-option-rom": "/MARK",
     "-iscsi": "initiator-name=MARK", "-bios": "/MARK", "-L": "/MARK", "-k": "MARK",
     "-mem-path": "/MARK", "-mem-prealloc": None, "-snapshot": None, "-incoming": "MARK",
-    "-loadvm": "MARK",
+    "-loadvm": "MARK", "-readconfig": None,  # test_readconfig
 }  # fmt: skip
 
 
@@ -370,3 +370,21 @@ def test_numbered_descriptors_become_inherited_names() -> None:
     assert [(n.fd, n.name) for n in options.named_fds] == [
         (30, "fd30"), (20, "fd20"), (21, "fd21"), (22, "fd22"), (23, "fd23"),
     ]  # fmt: skip
+
+
+def test_readconfig(tmp_path: Path) -> None:
+    config = tmp_path / "vm.cfg"
+    config.write_text(
+        '# written by -writeconfig\n[machine]\n  type = "q35"\n[memory]\n  size = "512M"\n'
+        '[drive "disk0"]\n  file = "/d,1"\n  if = "none"\n'
+        '[device "vd0"]\n  driver = "virtio-blk-pci"\n  drive = "disk0"\n'
+    )
+    cmds = commands("-readconfig", str(config), "--preconfig")
+    assert by_name(cmds, "machine-set")[0]["type"] == "q35"
+    assert by_name(cmds, "machine-set")[0]["memory"] == 512 << 20
+    assert by_name(cmds, "drive-add") == [{"id": "disk0", "file": "/d,1", "if": "none"}]
+    assert by_name(cmds, "device_add") == [{"id": "vd0", "driver": "virtio-blk-pci",
+                                           "drive": "disk0"}]  # fmt: skip
+    config.write_text('[frobnicate]\n  x = "1"\n')
+    with pytest.raises(UsageError, match=r"group \[frobnicate\] is not supported"):
+        parse_argv(["-readconfig", str(config)], TYPER)
