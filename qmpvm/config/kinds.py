@@ -108,22 +108,23 @@ def make(kind: Kind, args: Mapping[str, object], seq: int) -> Resource:
 
 
 def references(kind: Kind, args: Mapping[str, object]) -> Iterator[Reference]:
-    """Every name ``args`` (inline children included) use, with the kinds it may be."""
-    members = KINDS[kind].references
-    for member, value in _members(args):
-        kinds = members.get(member)
-        if kinds is None:
-            continue
-        if isinstance(value, str) and value:
-            yield kinds, value
-        elif isinstance(value, list):
-            for item in value:
+    """Every name ``args`` (inline children included) use, with the kinds it may be.
+
+    Iterative: a hostile client may nest block children deeply.
+    """
+    stack: list[tuple[Kind, Mapping[str, object]]] = [(kind, args)]
+    while stack:
+        current, document = stack.pop()
+        members = KINDS[current].references
+        for member, value in _members(document):
+            kinds = members.get(member)
+            if kinds is None:
+                continue
+            for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, str) and item:
                     yield kinds, item
-        if isinstance(value, (dict, list)):
-            for child in value if isinstance(value, list) else [value]:
-                if isinstance(child, dict) and Kind.BLOCK in kinds:
-                    yield from references(Kind.BLOCK, child)
+                elif isinstance(item, dict) and Kind.BLOCK in kinds:
+                    stack.append((Kind.BLOCK, item))
 
 
 def _members(args: Mapping[str, object], prefix: str = "") -> Iterator[tuple[str, object]]:

@@ -11,7 +11,8 @@ and one task wake-up:
   their bytes and reach the client when the task handles that read, in
   order with the commands, as if it had read them itself.
 * Output goes straight to the socket.  Only what the kernel does not take
-  yet is kept, in a backlog of at most ``MAX_OUTPUT`` messages.  A reply
+  yet is kept, in a backlog of at most ``MAX_OUTPUT`` messages and
+  ``MAX_OUTPUT_BYTES`` bytes.  A reply
   waits for room there, which stalls only that client; an event that finds
   the backlog full means the client stopped reading, and it is dropped with
   a logged reason rather than grow memory.
@@ -41,6 +42,10 @@ READ_AHEAD = 4
 MAX_FDS_PER_MESSAGE = 16
 MAX_OUTPUT = 1024
 """Messages the kernel has not taken yet, per client."""
+MAX_OUTPUT_BYTES = 4 << 20
+"""...and their bytes: past either, a reply waits and an event drops the client.
+A single reply may exceed it (it is written once the backlog is empty), so a
+client holds at most this plus one message."""
 FLUSH_SECONDS = 1.0
 """How long a closing session waits for its client to read what is left."""
 _FD_ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
@@ -78,6 +83,7 @@ class Session:
         self._reading = False
         self._eof = False
         self._output: deque[bytes | memoryview] = deque()
+        self._output_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self._closing = False
 
@@ -124,16 +130,21 @@ class Session:
     async def _send(self, message: dict[str, object]) -> None:
         self.log.debug("<-- %s", message)
         data = encode(message)
-        while len(self._output) >= MAX_OUTPUT and not self._closing:
+        while self._backlog_full() and not self._closing:
             await self._wait()
         self._write(data)
+
+    def _backlog_full(self) -> bool:
+        return len(self._output) >= MAX_OUTPUT or self._output_bytes >= MAX_OUTPUT_BYTES
 
     def post_event(self, data: bytes) -> None:
         if self._closing or not self.protocol.wants_events:
             return
-        if len(self._output) >= MAX_OUTPUT:
+        if self._backlog_full():
             self.log.warning(
-                "dropped: output backlog full (%d messages); client is not reading", MAX_OUTPUT
+                "dropped: output backlog full (%d messages, %d bytes); client is not reading",
+                len(self._output),
+                self._output_bytes,
             )
             self._shut_down()
             with contextlib.suppress(OSError):
@@ -209,6 +220,7 @@ class Session:
             return
         if self._output:
             self._output.append(data)
+            self._output_bytes += len(data)
             return
         try:
             sent = self.sock.send(data)
@@ -219,6 +231,7 @@ class Session:
             return
         if sent < len(data):
             self._output.append(memoryview(data)[sent:])
+            self._output_bytes += len(data) - sent
             self._loop.add_writer(self._fd, self._on_writable)
 
     def _on_writable(self) -> None:
@@ -231,6 +244,7 @@ class Session:
             except OSError as err:
                 self._lost(err)
                 return
+            self._output_bytes -= sent
             if sent < len(head):
                 self._output[0] = memoryview(head)[sent:]
                 break
@@ -256,6 +270,7 @@ class Session:
         """Stop all I/O now; the task notices and ends the session."""
         self._closing = True
         self._output.clear()
+        self._output_bytes = 0
         self._loop.remove_writer(self._fd)
         self._pause_reading()
         self._wake()

@@ -216,6 +216,24 @@ async def test_client_that_never_reads_replies_stalls_only_itself(
     assert ids == list(range(200)), "nothing lost once it reads"
 
 
+async def test_replies_are_bounded_by_bytes_not_only_by_count(
+    server: tuple[MonitorServer, Backend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Few huge replies to a client that does not read must not pile up."""
+    monkeypatch.setattr(server_module, "MAX_OUTPUT_BYTES", 3 * BIG)
+    monitor, backend = server
+    hog = await connect(monitor, server_sndbuf=4096)
+    await hog.send(b"".join(b'{"execute": "big", "id": %d}' % i for i in range(20)))
+    other = await connect(monitor)
+    await other.send(b'{"execute": "other", "id": 0}')
+    assert (await other.line())["id"] == 0
+    (session,) = [s for s in monitor.sessions if s.client.id == 1]
+    assert backend.calls.count("big") <= 5, "replies wait for the backlog to drain"
+    assert session._output_bytes <= 4 * BIG + 1024
+    ids = [(await hog.line())["id"] for _ in range(20)]
+    assert ids == list(range(20)), "nothing lost once it reads"
+
+
 async def test_close_answers_what_was_asked_then_ends_sessions(
     server: tuple[MonitorServer, Backend],
 ) -> None:
