@@ -79,20 +79,31 @@ Command::
 The floor rows (a bare Python greeter over a plain socket, and one over
 asyncio) are not qmpvm: they show what any Python server pays on this host.
 
-Measured here, 2026-11-24 16:06 UTC (2 cores, QEMU 7.2.22, CPython 3.11.7,
-another user's TCG guests on the host, load average 1.3-2.4; the third of
-three full runs, the median one for (c))::
+Measured here, 2026-12-01 17:30 UTC (2 cores, QEMU 7.2.22, CPython 3.11.7,
+load average 0.36-0.58, bytecode compiled first; the second of two full
+runs, the first, at load 1.1-1.6, in brackets where it differs much)::
 
-    (a) start -> greeting, median of 10      QEMU 25.6 ms
-        python -m qmpvm            22.9 ms   .venv/bin/qmpvm            15.9 ms
-        floor: python, socket      24.3 ms   floor: python, asyncio     70.4 ms
-    (b) sequential query-status  QEMU 0.485 ms/call  qmpvm 0.297 ms/call (median)
-        1000 pipelined           QEMU 370 ms         qmpvm 136 ms
+    (a) start -> greeting, median of 10      QEMU 25.0 ms
+        python -m qmpvm            23.3 ms   .venv/bin/qmpvm            17.3 ms
+        floor: python, socket      23.1 ms   floor: python, asyncio     64.4 ms
+    (b) sequential query-status  QEMU 0.505 ms/call  qmpvm 0.279 ms/call (median)
+        1000 pipelined           QEMU 298 ms         qmpvm 124 ms
     (c) 64 clients x 400 query-status, clients in 1 process:
-        qemu.qmp     5,404 commands/s; qmpvm 53 µs/command; clients 139 µs/call
-        raw socket  17,088 commands/s; qmpvm 43 µs/command; clients 16 µs/call
-    ratios: greeting 0.62 (.venv/bin/qmpvm) met; round trip 0.61 met (mean
-    0.63); pipelined 0.37; 64 raw-socket clients 17,088/s met (goal 10,000/s)
+        qemu.qmp    10,066 commands/s (5,447); qmpvm 44 µs/command; clients 98 µs/call
+        raw socket  25,473 commands/s (16,736); qmpvm 39 µs/command; clients 13 µs/call
+    (d) start -> query-qmp-schema reply      QEMU 73.2 ms (207,000 bytes, 1,051 entries)
+        python -m qmpvm           181.2 ms   .venv/bin/qmpvm           182.1 ms
+        (211,756 bytes, 1,064 entries)
+    (e) blockdev-add, median     QEMU 1.827 ms  qmpvm 0.532 ms  --state-dir 0.996 ms
+        invalid blockdev-add     QEMU 1.111 ms  qmpvm 0.331 ms  --state-dir 0.368 ms
+    ratios: greeting 0.69 met; round trip 0.55 met (mean 0.54); pipelined
+    0.42; 64 raw-socket clients 25,473/s met; schema 2.47; blockdev-add 0.29
+    met (goal 1.5), --state-dir 0.55; invalid blockdev-add 0.30
+
+On 2026-11-24 (before the schema checks), 16:06 UTC, the same host gave:
+greeting QEMU 25.6 ms, .venv/bin/qmpvm 15.9 ms (0.62); query-status 0.485
+vs 0.297 ms/call (0.61); pipelined 370 vs 136 ms; 17,088 raw-socket and
+5,404 qemu.qmp commands/s.
 
 Six full runs that day (16:03-16:24, load average 1.3-2.4) gave
 13,342-18,746 commands/s from raw-socket clients (qmpvm 38-55 µs of CPU per

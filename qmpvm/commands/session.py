@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from qmpvm import QEMU_VERSION, __version__
 from qmpvm.commands.common import REGISTRY
@@ -49,29 +48,26 @@ _merged_schema: Encoded | None = None
 @REGISTRY.command("query-qmp-schema", returns=object)
 async def query_qmp_schema(call: Call) -> object:
     """The engine's schema with qmpvm's own commands merged in, type names masked
-    as QEMU masks them: a client reading capabilities from it sees the engine."""
+    as QEMU masks them: a client reading capabilities from it sees the engine.
+
+    Where the engine declares a command or event, its declaration stands (its
+    precise argument, return and event data types). Built and encoded once.
+    """
     global _merged_schema
     if _merged_schema is None:
         caps = await call.vmm.capabilities()
         if caps is None:
             return REGISTRY.schema()
+        import json
+
         from qmpvm.monitor.protocol import Encoded
         from qmpvm.qapi.check import merge
 
-        engine = [_plain(e) for e in caps.schema_entries() if e.get("name") not in UNRECORDED]
-        # where the engine has the command, its declaration (precise return types) stands
-        own = [e for e in REGISTRY.schema() if e.get("name") not in caps.commands]
+        engine = [e for e in json.loads(caps.schema.json()) if e.get("name") not in UNRECORDED]
+        declared = {e["name"] for e in engine if e.get("meta-type") in ("command", "event")}
+        own = [e for e in REGISTRY.schema() if e.get("name") not in declared]
         _merged_schema = Encoded(merge(engine, own))
     return _merged_schema
-
-
-def _plain(value: object) -> Any:
-    """The cache's read-only values (mapping proxies, tuples) as plain JSON values."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 @REGISTRY.command("query-name", returns=object)

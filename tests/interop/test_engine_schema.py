@@ -89,6 +89,10 @@ async def test_the_engine_answers_introspection_before_any_machine(qmpvm: QmpvmP
     assert {"blockdev-add", "object-add", "machine-set", "machine-init", "drive-add"} <= names
     assert len(schema) > 1000
     assert len({e["name"] for e in schema}) == len(schema), "no name twice"
+    by_name = {e["name"]: e for e in schema}
+    shutdown = by_name[by_name["SHUTDOWN"]["arg-type"]]
+    assert {m["name"] for m in shutdown["members"]} == {"guest", "reason"}, "the engine's event"
+    assert by_name["ENGINE_EXIT"]["meta-type"] == "event"  # and qmpvm's own
     commands = {c["name"] for c in await client.execute("query-commands")}
     assert {"query-cpu-definitions", "migrate", "machine-set"} <= commands
     props = await client.execute("device-list-properties", {"typename": "virtio-net-pci"})
