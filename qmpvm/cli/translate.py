@@ -531,14 +531,16 @@ def _monitor_listener(args: Mapping[str, object]) -> Listener:
     addr = data.get("addr")
     if backend != "socket" or not isinstance(addr, dict):
         raise UsageError(f"-mon: chardev '{args.get('id')}' must be a socket")
-    if not data.get("server"):
-        raise UsageError(f"-mon: chardev '{args.get('id')}' must listen (server=on)")
     where = addr.get("data", {})
     assert isinstance(where, dict)
+    if addr.get("type") == "fd":  # listening or connected: the server tells which
+        return Listener("fd", path=str(where["str"]))
+    if not data.get("server"):
+        if addr.get("type") == "unix":  # qmpvm dials the client's socket
+            return Listener("connect", path=str(where["path"]))
+        raise UsageError(f"-mon: chardev '{args.get('id')}': a client socket must be unix")
     if addr.get("type") == "unix":
         return Listener("unix", path=str(where["path"]))
-    if addr.get("type") == "fd":
-        return Listener("fd", path=str(where["str"]))
     return Listener("tcp", host=str(where.get("host") or "127.0.0.1"), port=int(where["port"]))
 
 

@@ -44,8 +44,9 @@ FLAGS = _NO_EARLY_MONITOR | {
 
 
 class Listener:
-    """Where one monitor listens: a UNIX path, a TCP host and port, or an
-    inherited listening socket (kind ``fd``, its number in ``path``)."""
+    """Where one monitor is served: a UNIX path or a TCP host and port to listen
+    on, an inherited socket (kind ``fd``, its number in ``path``: listening, or
+    one connection), or a UNIX path to dial (kind ``connect``)."""
 
     __slots__ = ("host", "kind", "path", "port")
 
@@ -59,7 +60,7 @@ class Listener:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        where = self.path if self.kind in ("unix", "fd") else f"{self.host}:{self.port}"
+        where = f"{self.host}:{self.port}" if self.kind == "tcp" else self.path
         return f"Listener({self.kind}:{where})"
 
     def _key(self) -> tuple[str, str, str, int]:

@@ -299,6 +299,29 @@ class MonitorServer:
             session.post_event(data)
 
     def listen(self, listener: Listener) -> None:
+        """Serve ``listener``; a monitor that is one connection (a socket qmpvm dials,
+        or an inherited connected socket, as QEMU's Python harness passes) is served
+        as that connection."""
+        if listener.kind == "connect":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(listener.path)
+            except OSError:
+                sock.close()
+                raise
+            self.adopt_connection(sock, listener.path, greeted=False)
+            return
+        if listener.kind == "fd":
+            sock = socket.socket(fileno=int(listener.path))
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                try:
+                    sock.getpeername()
+                except OSError:
+                    pass  # neither listening nor connected: bind() makes it listen
+                else:
+                    self.adopt_connection(sock, f"fd {listener.path}", greeted=False)
+                    return
+            sock.detach()
         self.adopt_listener(socket.socket(fileno=bind(listener).detach()), listener)
 
     def adopt_listener(self, sock: socket.socket, listener: Listener) -> None:

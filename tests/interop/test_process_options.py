@@ -52,3 +52,57 @@ def test_a_daemon_that_fails_makes_the_parent_fail(tmp_path: Path) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert "no-such-machine" in done.stderr
+
+
+async def test_a_monitor_on_a_socket_qmpvm_dials(tmp_path: Path) -> None:
+    """QEMU's Python harness (QEMU 7.2) listens and lets the emulator connect:
+    ``-chardev socket,id=mon,path=P -mon chardev=mon,mode=control``."""
+    path = tmp_path / "harness.sock"
+    client = QMPClient("harness")
+    await client.start_server(str(path))
+    argv = [
+        str(QMPVM_AS_QEMU), "-display", "none", "-vga", "none", "-nodefaults", "-S",
+        "-chardev", f"socket,id=mon,path={path}", "-mon", "chardev=mon,mode=control",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        async with asyncio.timeout(60):
+            await client.accept()
+        status = await client.execute("query-status")
+        assert status["status"] == "prelaunch"
+        await client.execute("quit")
+        with contextlib.suppress(EOFError, ConnectionError):
+            await client.disconnect()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+async def test_a_monitor_on_an_inherited_connected_socket(tmp_path: Path) -> None:
+    """QEMU >= 8.0's harness passes one end of a socketpair: ``-chardev socket,id=mon,fd=N``."""
+    import json
+    import socket
+
+    ours, theirs = socket.socketpair()
+    argv = [
+        str(QMPVM_AS_QEMU), "-nodefaults", "-S", "-machine", "none",
+        "-chardev", f"socket,id=mon,fd={theirs.fileno()}", "-mon", "chardev=mon,mode=control",
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
+    theirs.close()
+    try:
+        reader = ours.makefile("rb")
+        assert "QMP" in json.loads(reader.readline())
+        ours.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "query-status", "id": 1}\n')
+        assert json.loads(reader.readline()) == {"return": {}}
+        reply = json.loads(reader.readline())
+        assert (reply["id"], reply["return"]["status"]) == (1, "prelaunch")
+        ours.sendall(b'{"execute": "quit"}\n')
+        assert proc.wait(30) == 0
+    finally:
+        ours.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
