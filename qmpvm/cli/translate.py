@@ -302,7 +302,8 @@ class Translator:
     def chardev(self, option: str, value: str) -> None:
         tree = self.typer.group("chardev", parse(value, "backend"))
         try:
-            self.add(Kind.CHARDEV, chardev.from_legacy(tree))
+            for args in chardev.from_legacy(tree):
+                self.add(Kind.CHARDEV, args)
         except ArgumentError as err:
             self.fail(err.desc)
 
@@ -370,7 +371,8 @@ class Translator:
                 self.fail(f"{option} {value}: HMP monitors are not offered (QMP is: -qmp)")
             chardev_id = "debugcon" if name == "debugcon" else self.next_id(name)
             tree = self.typer.group("chardev", sugar.chardev_spec(value, chardev_id))
-            self.add(Kind.CHARDEV, chardev.from_legacy(tree))
+            for args in chardev.from_legacy(tree):
+                self.add(Kind.CHARDEV, args)
             value = f"chardev:{chardev_id}"
         self.set(name, value)
 

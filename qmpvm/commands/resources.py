@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from qmpvm.commands.common import REGISTRY, change
-from qmpvm.config import kinds
+from qmpvm.config import chardev, kinds
 from qmpvm.config.descriptors import fd_names, fdset_ids
 from qmpvm.config.kinds import BY_COMMAND, KINDS
 from qmpvm.config.resource import Kind
@@ -23,6 +24,9 @@ from qmpvm.keyval import coerce_property
 from qmpvm.monitor.dispatch import ENGINE_ARGS, Call
 from qmpvm.schema import to_json
 from qmpvm.vmm import Vmm
+
+if TYPE_CHECKING:
+    from qmpvm.engine.caps import DeviceType
 
 DEVICE_ALIASES: Mapping[str, str] = {
     "ac97": "AC97", "e1000-82540em": "e1000", "es1370": "ES1370", "ahci": "ich9-ahci",
@@ -66,6 +70,8 @@ async def add(call: Call) -> object:
         args = await _typed_device(vmm, args)
     if spec.kind is Kind.BLOCK and "node-name" not in args:
         raise ArgumentError("'node-name' must be specified for the root node")
+    if spec.kind is Kind.CHARDEV:
+        chardev.check_writable(args)
     if vmm.machine is not None and not spec.hot:
         raise ConfigError(
             f"'{spec.add}' is boot-only and the machine exists; it is only allowed "
@@ -83,13 +89,13 @@ async def add(call: Call) -> object:
             await engine.execute("getfd", {"fdname": name}, fds=[vmm.fds.named[name].fd])
         await _share_fdsets(vmm, fdset_ids(args))
         live = dict(args)
-        if spec.kind is Kind.DEVICE:
-            bus = _hotplug_bus(vmm, live)
-            if bus is not None and bus != live.get("bus"):
-                live["bus"] = bus
-                # a device without id can never be unplugged: its port stays taken
-                engine.port_users[bus] = str(key or "(no id)")
-        return await engine.execute(spec.add, live)
+        port = await _hotplug_port(vmm, live) if spec.kind is Kind.DEVICE else None
+        if port is not None:
+            live["bus"] = port
+        result = await engine.execute(spec.add, live)
+        if port is not None:  # taken once the device is in; without an id, for good
+            engine.port_users[port] = str(key or "(no id)")
+        return result
 
     async def undo() -> object:
         return await vmm.engine().execute(spec.delete, {spec.delete_key: key})
@@ -137,11 +143,10 @@ async def _typed_device(vmm: Vmm, args: dict[str, object]) -> dict[str, object]:
     """The driver checked against the engine's device types; text values typed
     from the engine's property types (QMP's device_add takes text for any
     property, the engine's JSON ``-device`` does not)."""
-    caps = await vmm.capabilities()
     driver = str(args["driver"])
-    if caps is None:
+    if await vmm.capabilities() is None:
         return args
-    known = caps.devices.get(driver) or caps.devices.get(DEVICE_ALIASES.get(driver, ""))
+    known = await _device_type(vmm, driver)
     if known is None:
         raise ConfigError(f"'{driver}' is not a valid device model name")
     if known.properties is None:
@@ -158,20 +163,35 @@ async def _typed_device(vmm: Vmm, args: dict[str, object]) -> dict[str, object]:
     return out
 
 
-def _hotplug_bus(vmm: Vmm, args: Mapping[str, object]) -> str | None:
-    """Where a hot-plugged device goes when the client named no bus."""
+async def _device_type(vmm: Vmm, driver: str) -> DeviceType | None:
+    """The engine's device type ``driver`` names, QEMU's aliases included."""
+    caps = await vmm.capabilities()
+    if caps is None:
+        return None
+    return caps.devices.get(driver) or caps.devices.get(DEVICE_ALIASES.get(driver, ""))
+
+
+async def _hotplug_port(vmm: Vmm, args: Mapping[str, object]) -> str | None:
+    """The root port a device hot-plugged on q35 goes into when the client named no bus."""
     machine = vmm.engine()
     machine_type = vmm.config.machine.type
     family = machine_family(machine_type)
-    bus = args.get("bus")
     driver = str(args.get("driver"))
     if family in NO_HOTPLUG_MACHINES:
         raise ConfigError(
             f"Device '{driver}' cannot be hot-plugged: machine type "
             f"'{machine_type}' has no hot-pluggable bus (devices are boot-only there)"
         )
-    if isinstance(bus, str) or family != "q35" or not driver.endswith("-pci"):
-        return bus if isinstance(bus, str) else None
+    if "bus" in args or family != "q35":
+        return None
+    caps = await vmm.capabilities()
+    known = (
+        caps.devices.get(driver) or caps.devices.get(DEVICE_ALIASES.get(driver, ""))
+        if caps
+        else None
+    )
+    if (known.bus if known is not None else ("pci" if driver.endswith("-pci") else None)) != "pci":
+        return None
     for port in machine.hotplug_ports:
         if port not in machine.port_users:
             return port

@@ -38,7 +38,7 @@ async def query_commands(call: Call) -> object:
     names = set(REGISTRY.commands)
     caps = await call.vmm.capabilities()
     if caps is not None:
-        names |= caps.commands - UNRECORDED
+        names |= caps.commands - set(UNRECORDED)
     return [{"name": name} for name in sorted(names)]
 
 

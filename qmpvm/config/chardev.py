@@ -7,7 +7,8 @@ addresses are the two shapes that are not a plain rename.
 
 The defaults differ between the syntaxes and are made explicit here: a QMP
 socket without ``server`` listens (``server`` defaults to true, ``wait`` to
-false), a ``-chardev socket`` without ``server`` connects.
+false), a ``-chardev socket`` without ``server`` connects, and one with
+``server=on`` but no ``wait`` waits for its client before the machine starts.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ RENAMES: Mapping[str, tuple[tuple[str, str], ...]] = {
         ("tls-creds", "tls-creds"), ("tls-authz", "tls-authz"),
     ),
     "udp": (),
+    "mux": (("chardev", "chardev"),),
     **dict.fromkeys(("pty", "null", "msmouse", "wctablet", "braille", "testdev"), ()),
 }  # fmt: skip
 """Backend -> (legacy key, QMP member) pairs, besides ``COMMON`` and addresses."""
@@ -54,16 +56,27 @@ def backend_of(args: Mapping[str, object]) -> tuple[str, Mapping[str, object]]:
     return str(backend["type"]), typing.cast(Mapping[str, object], backend.get("data", {}))
 
 
-def from_legacy(tree: Mapping[str, object]) -> dict[str, object]:
-    """``-chardev BACKEND,id=ID,key=value...`` (parsed, typed) -> chardev-add arguments."""
+def from_legacy(tree: Mapping[str, object]) -> list[dict[str, object]]:
+    """``-chardev BACKEND,id=ID,key=value...`` (parsed, typed) -> chardev-add arguments:
+    one, or with ``mux=on`` two, as QEMU makes them (``ID-base`` and the mux ``ID``)."""
     rest = dict(tree)
+    chardev_id = rest.get("id")
+    if rest.pop("mux", False) is True and isinstance(chardev_id, str):
+        base = from_legacy({**rest, "id": f"{chardev_id}-base"})
+        mux_data: dict[str, object] = {"chardev": base[0]["id"]}
+        mux: dict[str, object] = {"id": chardev_id, "backend": {"type": "mux", "data": mux_data}}
+        return [*base, mux]
+    return [_from_legacy(rest)]
+
+
+def _from_legacy(rest: dict[str, object]) -> dict[str, object]:
     backend = str(rest.pop("backend", ""))
     backend = ALIASES.get(backend, backend)
     chardev_id = rest.pop("id", None)
     if not isinstance(chardev_id, str) or not chardev_id:
         raise ArgumentError("-chardev: 'id' is required")
-    if rest.pop("mux", False) is True:
-        raise ArgumentError("-chardev mux=on: create a 'mux' chardev over it instead")
+    if backend == "stdio":
+        raise ArgumentError(_NO_STDIO)
     if backend not in RENAMES:
         raise ArgumentError(f"-chardev: backend '{backend}' is not known")
     data: dict[str, object] = {}
@@ -73,8 +86,11 @@ def from_legacy(tree: Mapping[str, object]) -> dict[str, object]:
     if backend == "socket":
         data["addr"] = _socket_address(rest)
         data.setdefault("server", False)
+        if data["server"]:
+            data.setdefault("wait", True)  # -chardev's default, unlike QMP's
     elif backend == "udp":
         data["remote"] = _inet(rest, "host", "port")
+        data["remote"]["data"].update(_take(rest, (("ipv4", "ipv4"), ("ipv6", "ipv6"))))  # type: ignore[index]
         if "localaddr" in rest or "localport" in rest:
             data["local"] = _inet(rest, "localaddr", "localport")
     if rest:
@@ -96,8 +112,37 @@ def _socket_address(rest: dict[str, object]) -> dict[str, object]:
 
 
 def _inet(rest: dict[str, object], host: str, port: str) -> dict[str, object]:
-    where = {"host": str(rest.pop(host, "")), "port": str(rest.pop(port, "0"))}
+    where: dict[str, object] = {"host": str(rest.pop(host, "")), "port": str(rest.pop(port, "0"))}
     return {"type": "inet", "data": where}
+
+
+_NO_STDIO = (
+    "a 'stdio' chardev would be the engine's standard I/O, which is no console here: "
+    "use a socket, pty or ringbuf chardev ('qmpvm console' attaches a terminal)"
+)
+
+
+def check_writable(args: Mapping[str, object]) -> None:
+    """Refuse a chardev-add the engine's ``-chardev`` cannot say as it is (a member
+    without a legacy spelling, a vsock address): it would change at machine-init."""
+    backend, data = backend_of(args)
+    if backend == "stdio":
+        raise ArgumentError(_NO_STDIO)
+    if backend not in RENAMES:
+        raise ArgumentError(f"chardev backend '{backend}' has no -chardev form in the engine")
+    expected = dict(data)
+    if backend == "socket":
+        addr = data.get("addr")
+        if not isinstance(addr, Mapping) or addr.get("type") not in ("unix", "inet", "fd"):
+            kind = addr.get("type") if isinstance(addr, Mapping) else addr
+            raise ArgumentError(f"chardev socket address of type '{kind}' has no -chardev form")
+        expected.setdefault("server", True)  # QMP's defaults, which to_legacy spells out
+        if expected["server"]:
+            expected.setdefault("wait", False)
+    again = _from_legacy(dict(to_legacy(args)))["backend"]["data"]  # type: ignore[index]
+    for member in sorted(set(expected) | set(again)):
+        if expected.get(member) != again.get(member):
+            raise ArgumentError(f"chardev {backend}: '{member}' has no -chardev form as given")
 
 
 def _take(rest: dict[str, object], keys: tuple[tuple[str, str], ...]) -> dict[str, object]:
@@ -133,3 +178,5 @@ def to_legacy(args: Mapping[str, object]) -> Iterator[tuple[str, object]]:
                 where = typing.cast(Mapping[str, object], inet.get("data", {}))
                 yield (prefix + "addr" if prefix else "host"), where.get("host", "")
                 yield (prefix + "port" if prefix else "port"), where.get("port", "")
+                if not prefix:
+                    yield from ((k, where[k]) for k in ("ipv4", "ipv6") if k in where)

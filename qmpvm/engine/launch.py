@@ -117,7 +117,10 @@ def machine_options(machine: MachineConfig, accel: str) -> list[str]:
         if machine.get(member) is not None:
             memory[key] = machine.get(member)
     argv += ["-m", encode(memory)]
-    argv += ["-smp", encode({"cpus": machine.cpus, **_mapping(machine.get("smp"))})]
+    smp = _mapping(machine.get("smp"))
+    if "cpus" in machine.values or not smp:  # a topology alone: QEMU counts the cpus
+        smp = {"cpus": machine.cpus, **smp}
+    argv += ["-smp", encode(smp)]
     name = _mapping(machine.get("name-options"))
     if machine.name is not None:
         name = {"guest": machine.name, **name}

@@ -54,9 +54,24 @@ ENGINE_ARGS = "engine"
 """A command's ``args`` when its arguments are the engine's command's: the
 engine's own schema checks them, and the handler receives the checked dict."""
 
-UNRECORDED = frozenset({"chardev-change", "x-blockdev-change", "blockdev-reopen"})
-"""Engine commands that would change what the store records behind its back;
-every other engine command qmpvm does not declare is relayed to the machine."""
+_GRAPH = "it changes the block graph or a disk's medium, which the store records"
+UNRECORDED: Mapping[str, str] = {
+    **dict.fromkeys(
+        ("chardev-change", "x-blockdev-change", "blockdev-reopen", "blockdev-snapshot-sync",
+         "blockdev-snapshot", "blockdev-snapshot-internal-sync", "blockdev-mirror",
+         "drive-mirror", "drive-backup", "blockdev-backup", "block-commit", "block-stream",
+         "transaction", "blockdev-change-medium", "eject", "blockdev-insert-medium",
+         "blockdev-remove-medium", "blockdev-open-tray", "blockdev-close-tray",
+         "block_set_io_throttle", "block-latency-histogram-set", "x-blockdev-set-iothread",
+         "x-blockdev-amend", "blockdev-create", "blockdev-amend", "snapshot-save",
+         "snapshot-load", "snapshot-delete"),
+        _GRAPH,
+    ),
+    "watchdog-set-action": "the action is a machine setting: use set-action",
+}  # fmt: skip
+"""Engine commands that would change what the store records behind its back,
+and why; every other engine command qmpvm does not declare is relayed to the
+machine (queries, run state, migration, qom-get/qom-set, NBD exports, ...)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,8 +181,7 @@ class Dispatcher:
             raise CommandNotFoundError(f"The command {name} has not been found")
         if name in UNRECORDED:
             raise QmpvmError(
-                f"The command '{name}' would change the configuration without qmpvm "
-                "recording it; delete and add the item instead"
+                f"The command '{name}' is not relayed to the engine: {UNRECORDED[name]}"
             )
         if self.vmm.machine is None:
             raise PhaseError(phase_refusal(name, Phase.NO_MACHINE))

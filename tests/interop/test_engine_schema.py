@@ -157,7 +157,9 @@ async def test_boot_only_kinds_are_refused_once_the_machine_exists(tmp_path: Pat
     err = await refused(
         client, "chardev-change", {"id": "x", "backend": {"type": "null", "data": {}}}
     )
-    assert "would change the configuration without qmpvm recording it" in str(err)
+    assert "is not relayed to the engine: it changes the block graph" in str(err)
+    err = await refused(client, "watchdog-set-action", {"action": "poweroff"})
+    assert str(err).endswith("the action is a machine setting: use set-action")
     await quit_and_disconnect(client)
 
 
