@@ -140,6 +140,7 @@ class Translator:
         self.settings: dict[str, object] = {}
         self.boot: dict[str, object] = {}
         self.resources: list[tuple[Kind, dict[str, object]]] = []
+        self.drive_devices: list[tuple[Kind, dict[str, object]]] = []
         self.json_devices: list[tuple[Kind, dict[str, object]]] = []
         self.monitors: list[str] = []  # chardev ids that -mon makes QMP monitors
         self.drives: list[tuple[str, int, int]] = []
@@ -348,7 +349,18 @@ class Translator:
         units = 1 if family == "q35" else None  # AHCI: one unit per bus
         name, bus, unit = sugar.drive_id(tree, default_if, self.drives, units)
         tree.setdefault("id", name)
-        self.drives.append((str(tree.get("if", default_if)), bus, unit))
+        interface = str(tree.get("if", default_if))
+        self.drives.append((interface, bus, unit))
+        if interface == "virtio":
+            # QEMU adds the device of an if=virtio drive after every -device given
+            # as key=value (and before JSON ones): made explicit here, in that place
+            device = {"driver": "virtio-blk-pci", "drive": tree["id"]}
+            if "addr" in tree:
+                device["addr"] = tree.pop("addr")
+            for key in ("if", "index", "bus", "unit"):
+                tree.pop(key, None)
+            tree["if"] = "none"
+            self.drive_devices.append((Kind.DEVICE, device))
         self.add(Kind.DRIVE, tree)
 
     def drive_shorthand(self, option: str, value: str) -> None:
@@ -454,7 +466,7 @@ class Translator:
 
     def finish(self) -> Options:
         opts = self.options
-        resources = self.resources + self.json_devices
+        resources = self.resources + self.drive_devices + self.json_devices
         for chardev_id in self.monitors:
             found = [a for k, a in resources if k is Kind.CHARDEV and a.get("id") == chardev_id]
             if not found:

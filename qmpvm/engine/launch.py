@@ -150,24 +150,11 @@ def _option_value(resource: Resource, named_fds: Mapping[str, int]) -> tuple[str
     if resource.kind is Kind.DRIVE:
         return encode(dict(resource.args)), []
     if resource.kind is Kind.OBJECT:
-        return _json(_object_option(resource.args)), []
+        return _json(resource.args), []
     if resource.kind is Kind.NETDEV:
         args, fds = resolve_fd_names(resource.args, named_fds)
         return _json(args), fds
-    if all(isinstance(value, (str, int, float, bool)) for value in resource.args.values()):
-        # key=value, not JSON: QEMU creates key=value devices first, then those
-        # of '-drive if=virtio', then JSON ones; a command line's order needs this
-        return encode(dict(resource.args), "driver"), []
     return _json(resource.args), []
-
-
-def _object_option(args: Mapping[str, object]) -> dict[str, object]:
-    """object-add's arguments; a 'props' member (older clients) is flattened as QEMU does."""
-    out = {k: v for k, v in args.items() if k != "props"}
-    props = args.get("props")
-    if isinstance(props, dict):
-        out.update(props)
-    return out
 
 
 def _chardev_fd_number(

@@ -75,10 +75,10 @@ def test_each_option_is_a_qmp_command() -> None:
             "execute": "drive-add",
             "arguments": {
                 "file": "/tmp/d.img",
-                "if": "virtio",
                 "format": "raw",
                 "readonly": "on",
                 "id": "virtio0",
+                "if": "none",
             },
         },
         {
@@ -86,6 +86,8 @@ def test_each_option_is_a_qmp_command() -> None:
             "arguments": {"type": "user", "id": "n0", "hostfwd": [{"str": "tcp::2222-:22"}]},
         },
         {"execute": "device_add", "arguments": {"driver": "virtio-net-pci", "netdev": "n0"}},
+        # -drive if=virtio's device, where QEMU creates it: after the key=value devices
+        {"execute": "device_add", "arguments": {"driver": "virtio-blk-pci", "drive": "virtio0"}},
         {"execute": "machine-init"},
         {"execute": "cont"},
     ]

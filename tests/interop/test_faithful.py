@@ -12,6 +12,7 @@ features, host devices, network disks) is skipped with QEMU's reason.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,9 @@ HAND_WRITTEN = {
     "-cdrom /var/cd.iso -device lsi -drive file=/var/d2,format=raw,if=none,id=d2,werror=stop,"
     "rerror=report -device scsi-hd,drive=d2 "
     "-drive file=/var/d3,format=raw,if=floppy -hdd /var/d4 -drive file=/var/d5,if=none,id=x",
+    "device-order": "-M pc -accel tcg -nodefaults -drive file=/var/o0,format=raw,if=virtio "
+    '-device {"driver":"virtio-rng-pci"} -device virtio-balloon-pci '
+    '-device {"driver":"virtio-rng-pci","addr":48}',
     "nics": "-M q35 -accel tcg -nic user,model=virtio-net-pci,mac=52:54:00:12:34:56 "
     "-net nic,model=e1000 -net user -netdev user,id=n1,hostfwd=tcp::0-:22 "
     "-device e1000e,netdev=n1",
@@ -94,7 +98,7 @@ async def test_option_families_build_what_qemu_builds(name: str, tmp_path: Path)
             "socket,id=charmonitor,fd=1729,server=on,wait=off", "-mon",
             "chardev=charmonitor,mode=control"]  # fmt: skip
     sample = tmp_path / "line.args"
-    sample.write_text(" ".join(["/usr/bin/qemu-system-x86_64", *argv]))
+    sample.write_text(shlex.join(["/usr/bin/qemu-system-x86_64", *argv]))
     await test_qmpvm_builds_what_qemu_builds(sample, tmp_path)
 
 
