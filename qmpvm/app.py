@@ -202,17 +202,20 @@ def adopt_inherited_fds(vmm: Vmm, options: Options) -> None:
     those a netdev or chardev names by number become getfd names; all owned by
     the command line's replay, so what its commands leave unused is closed."""
     for inherited in options.inherited_fds:
-        _take_inherited(inherited.fd, f"-add-fd fd={inherited.fd}")
+        _take_inherited(inherited.fd, f"-add-fd fd={inherited.fd}", options.open_at_start)
         vmm.fds.add_fd(inherited.fd, REPLAY_CLIENT, inherited.set, inherited.opaque)
     for named in options.named_fds:
-        _take_inherited(named.fd, f"file descriptor {named.fd}")
+        _take_inherited(named.fd, f"file descriptor {named.fd}", options.open_at_start)
         vmm.fds.getfd(named.name, named.fd, REPLAY_CLIENT)
 
 
-def _take_inherited(fd: int, what: str) -> None:
-    """An inherited descriptor must be open; the engine gets it only when it is used."""
+def _take_inherited(fd: int, what: str, open_at_start: frozenset[int] | None) -> None:
+    """An inherited descriptor must have been open when the process started: one
+    opened since is qmpvm's own (a listener, the event loop's) and not to give away."""
     import os
 
+    if open_at_start is not None and fd not in open_at_start:
+        raise StartupError(f"{what}: not a descriptor qmpvm was started with")
     try:
         os.fstat(fd)
     except OSError as err:

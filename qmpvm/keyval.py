@@ -46,8 +46,10 @@ def parse(text: str, implied_key: str | None = None, *, repeats: bool = False) -
         if not sep:
             if index == 0 and implied_key is not None:
                 key, value = implied_key, item
-            else:
-                raise ArgumentError(f"Expected '=' after parameter '{item}'")
+            elif item.startswith("no") and len(item) > 2:  # QemuOpts: 'nowait' is wait=off
+                key, value = item[2:], "off"
+            else:  # and 'server' is server=on (deprecated in QEMU, still accepted)
+                value = "on"
         node = tree
         *parents, leaf = key.split(".")
         for parent in parents:

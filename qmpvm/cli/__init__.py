@@ -19,6 +19,7 @@ from qmpvm.cli.translate import (
     Typer,
     UsageError,
     option_lines,
+    options_given,
     translate,
 )
 from qmpvm.monitor.early import Listener
@@ -99,20 +100,26 @@ def _engine_of(argv: list[str]) -> str:
     return "qemu-system-x86_64"
 
 
-def main(argv: list[str] | None = None, early: EarlyMonitor | None = None) -> int:
-    """Run qmpvm; ``early`` is the monitor ``qmpvm.__main__`` opened already, if any."""
+def main(
+    argv: list[str] | None = None,
+    early: EarlyMonitor | None = None,
+    open_at_start: frozenset[int] | None = None,
+) -> int:
+    """Run qmpvm; ``early`` is the monitor ``qmpvm.__main__`` opened already, if any,
+    and ``open_at_start`` the descriptors the process had before it opened any."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in SUBCOMMANDS:
         return _subcommand(argv[0], argv[1:])
-    if any(arg.lstrip("-") in ("h", "help") for arg in argv):
+    given = options_given(argv)
+    if {"-h", "-help"} & set(given):
         sys.stdout.write(USAGE + "\n".join(option_lines()) + "\n")
         return 0
-    if any(arg.lstrip("-") == "version" for arg in argv):
+    if "-version" in given:
         from qmpvm import __version__
 
         print(f"qmpvm {__version__}")
         return 0
-    typed = any(OPTIONS.get("-" + arg.lstrip("-")) in _TYPED for arg in argv if arg[:1] == "-")
+    typed = any(OPTIONS.get(option) in _TYPED for option in given)
     try:
         options = parse_argv(argv, engine_typer(_engine_of(argv)) if typed else None)
     except UsageError as err:
@@ -120,6 +127,7 @@ def main(argv: list[str] | None = None, early: EarlyMonitor | None = None) -> in
             early.close()
         print(f"qmpvm: {err}", file=sys.stderr)
         return 1
+    options.open_at_start = open_at_start
     if options.engine_help is not None:
         os.execvp(options.engine, [options.engine, *options.engine_help])
     if options.daemonize and not options.print_qmp:

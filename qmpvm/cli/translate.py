@@ -30,6 +30,7 @@ from qmpvm.config import chardev, kinds
 from qmpvm.config.descriptors import NETDEV_FD_MEMBERS, chardev_fd
 from qmpvm.config.machine import SETTINGS
 from qmpvm.config.resource import Kind
+from qmpvm.engine.launch import machine_family
 from qmpvm.errors import ArgumentError
 from qmpvm.keyval import parse, split
 from qmpvm.monitor.early import Listener, parse_qmp_spec
@@ -67,6 +68,7 @@ class Options:
     listeners: list[Listener] = field(default_factory=list)
     inherited_fds: list[InheritedFd] = field(default_factory=list)
     named_fds: list[NamedFd] = field(default_factory=list)
+    open_at_start: frozenset[int] | None = None  # descriptors the process was given
     start: Start = Start.RUN
     state_dir: str | None = None
     config_file: str | None = None
@@ -206,8 +208,8 @@ class Translator:
         name = str(tree.pop("accel"))
         old = self.settings.get("accel")
         self.set("accel", f"{old}:{name}" if option == "-accel" and old else name)
-        if tree:
-            self.set("accel-properties", tree)
+        if tree:  # each accelerator's own: only the one chosen gets them
+            self.set("accel-properties", {name: tree})
 
     def enable_kvm(self, option: str, value: str) -> None:
         self.set("accel", "kvm")
@@ -263,6 +265,8 @@ class Translator:
                 tree = parse(value, setting.implied, repeats=repeats)
             if setting.group is not None:
                 tree = self.typer.group(setting.group, tree)
+            if setting.name in ("net", "nic") and set(tree) & set(NETDEV_FD_MEMBERS):
+                self.fail(f"{option}: pass descriptors with -netdev (fd=) and -device instead")
             self.set(setting.name, tree)
 
     def global_(self, option: str, value: str) -> None:
@@ -343,8 +347,7 @@ class Translator:
         self.add_drive(tree)
 
     def add_drive(self, tree: dict[str, object]) -> None:
-        machine = self.machine_type()
-        family = "q35" if "q35" in machine else machine.split("-")[0]
+        family = machine_family(self.machine_type())
         default_if = _DEFAULT_IF.get(family, "ide")
         units = 1 if family == "q35" else None  # AHCI: one unit per bus
         name, bus, unit = sugar.drive_id(tree, default_if, self.drives, units)
@@ -378,10 +381,11 @@ class Translator:
         """The board's ports, as QEMU makes them (before any -device); a spec
         other than ``chardev:ID`` becomes a chardev of QEMU's name for it."""
         name = option.lstrip("-")
+        number = self.next_id(name)  # QEMU counts every port, chardev:ID ones too
         if value != "none" and not value.startswith("chardev:"):
             if value.startswith("mon:"):
                 self.fail(f"{option} {value}: HMP monitors are not offered (QMP is: -qmp)")
-            chardev_id = "debugcon" if name == "debugcon" else self.next_id(name)
+            chardev_id = "debugcon" if name == "debugcon" else number
             tree = self.typer.group("chardev", sugar.chardev_spec(value, chardev_id))
             for args in chardev.from_legacy(tree):
                 self.add(Kind.CHARDEV, args)
@@ -716,6 +720,20 @@ def translate(argv: list[str], typer: Typer | None = None) -> Options:
         except ArgumentError as err:
             translator.fail(f"{option}: {err.desc}")
     return translator.finish()
+
+
+def options_given(argv: list[str]) -> list[str]:
+    """The options of ``argv`` in option position (a value such as ``-name help``
+    is not an option), spelt with one dash."""
+    found = []
+    args = iter(argv)
+    for raw in args:
+        option = "-" + raw.lstrip("-") if raw.startswith("-") else raw
+        found.append(option)
+        spec = OPTIONS.get(option)
+        if spec is not None and spec.takes_value:
+            next(args, None)
+    return found
 
 
 def option_lines() -> Iterator[str]:

@@ -52,10 +52,9 @@ async def machine_set(call: Call) -> object:
 async def set_action(call: Call) -> object:
     """QEMU's set-action, kept in the ``action`` setting for the next engine too."""
     vmm = call.vmm
-    merged = {**_mapping(vmm.config.machine.get("action")), **call.args}
     return await change(
         vmm,
-        lambda c: c.set_machine({"action": merged}),
+        lambda c: c.set_machine({"action": dict(call.args)}),
         on_engine=lambda: vmm.engine().execute("set-action", call.args),
     )
 

@@ -70,6 +70,7 @@ async def add(call: Call) -> object:
         args = await _typed_device(vmm, args)
     if spec.kind is Kind.BLOCK and "node-name" not in args:
         raise ArgumentError("'node-name' must be specified for the root node")
+    kinds.make(spec.kind, args, 0)  # its name, before anything else is looked at
     if spec.kind is Kind.CHARDEV:
         chardev.check_writable(args)
     if vmm.machine is not None and not spec.hot:

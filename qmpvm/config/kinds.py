@@ -128,9 +128,43 @@ def references(kind: Kind, args: Mapping[str, object]) -> Iterator[Reference]:
 
 
 def _members(args: Mapping[str, object], prefix: str = "") -> Iterator[tuple[str, object]]:
-    """(dotted member name, value) pairs; a chardev's backend data counts as its own."""
+    """(dotted member name, value) pairs, nested objects flattened (a drive's
+    ``throttling.group``); a chardev's backend data counts as its own members."""
     for name, value in args.items():
         yield prefix + name, value
-        if name in ("backend", "data", "encrypt") and isinstance(value, dict):
+        if isinstance(value, dict) and name not in BLOCK_CHILDREN:
             inner = "" if name in ("backend", "data") else f"{prefix}{name}."
             yield from _members(value, inner)
+
+
+BLOCK_CHILDREN = frozenset(
+    name for name, kinds in KINDS[Kind.BLOCK].references.items() if kinds == (Kind.BLOCK,)
+)
+"""Members whose object is a block node of its own: ``references`` walks those."""
+
+
+SETTING_REFERENCES: Mapping[str, tuple[Kind, ...]] = {
+    "properties.memory-backend": (Kind.OBJECT,),
+    "numa.memdev": (Kind.OBJECT,),
+    "tpmdev.chardev": (Kind.CHARDEV,),
+    "fsdev.chardev": (Kind.CHARDEV,),
+    "serial": (Kind.CHARDEV,),
+    "parallel": (Kind.CHARDEV,),
+    "debugcon": (Kind.CHARDEV,),
+}
+"""Machine settings that name resources (``serial`` as ``chardev:ID``)."""
+
+
+def setting_references(settings: Mapping[str, object]) -> Iterator[Reference]:
+    """The resources the machine's settings name: they cannot be deleted under it."""
+    for path, kinds in SETTING_REFERENCES.items():
+        name, _, member = path.partition(".")
+        value = settings.get(name)
+        for item in value if isinstance(value, list) else [value]:
+            if member:
+                target = item.get(member) if isinstance(item, dict) else None
+            else:  # a port: 'chardev:ID' or 'none'
+                target = item.removeprefix("chardev:") if isinstance(item, str) else None
+                target = target if target != item else None
+            if isinstance(target, str) and target:
+                yield kinds, target

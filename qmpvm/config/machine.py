@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import keyword
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -44,7 +45,8 @@ SETTINGS: Mapping[str, Setting] = {
     for s in (
         Setting(name="type", shape="str", option=None, default="q35", doc="machine type"),
         Setting(name="accel", shape="str", option=None, doc="kvm, tcg, or a list kvm:tcg"),
-        Setting(name="accel-properties", shape="object", option=None, doc="-accel A,KEY=V"),
+        Setting(name="accel-properties", shape="object", option=None,
+                doc="-accel A,KEY=V: accelerator name -> its properties"),
         Setting(name="properties", shape="object", option=None, doc="-machine TYPE,KEY=V"),
         Setting(name="name", shape="str", option=None, doc="-name guest=NAME"),
         Setting(name="name-options", shape="object", option=None, group="name",
@@ -161,13 +163,14 @@ class MachineConfig:
         return int(str(self.get("hotplug-ports")))
 
     def update(self, change: Mapping[str, object]) -> MachineConfig:
-        """A new config with ``change`` applied; ``null`` puts a setting back to its default."""
+        """A new config with ``change`` applied; the ``action`` members given are
+        merged into those set before, as ``set-action`` does."""
         values = dict(self.values)
-        for name, value in change.items():
-            if value is None:
-                values.pop(name, None)
-            else:
-                values[name] = check_setting(name, value)
+        for name, given in change.items():
+            value = check_setting(name, given)
+            if name == "action" and isinstance(value, dict):
+                value = {**dict(typing.cast(Mapping[str, object], values.get(name, {}))), **value}
+            values[name] = value
         return MachineConfig(values=MappingProxyType(values))
 
     def describe(self) -> dict[str, object]:

@@ -78,8 +78,13 @@ class Config:
             raise ConfigError(
                 f"{spec.noun} '{key}' is in use by {KINDS[user.kind].noun.lower()} '{user.key}'"
             )
+        settings = self.machine.values
+        if any(kind in ks and name == key for ks, name in kinds.setting_references(settings)):
+            raise ConfigError(f"{spec.noun} '{key}' is in use by the machine's settings")
         kept = tuple(r for r in self.resources if not (r.kind is kind and r.key == key))
-        links = {name: up for name, up in self.links.items() if name != key}
+        links = dict(self.links)
+        if kind in (Kind.NETDEV, Kind.DEVICE):  # set_link names one of these
+            links.pop(key, None)
         return dataclasses.replace(self, resources=kept, links=links)
 
     def set_link(self, name: str, up: bool) -> Config:
@@ -138,7 +143,9 @@ class Config:
 
     @classmethod
     def from_documents(cls, docs: Mapping[str, str]) -> Config:
-        """Rebuild from stored rows through the same checks the API applies.
+        """Rebuild from stored rows, keeping the invariants the API keeps (names,
+        references, settings' shapes); the engine's schema checked them when
+        they were issued.
 
         A row that no longer loads (its reference is gone, it was written by
         a qmpvm that accepted what this one refuses) is logged and set aside,

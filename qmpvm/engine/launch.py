@@ -110,8 +110,8 @@ def machine_options(machine: MachineConfig, accel: str) -> list[str]:
         argv += ["-display", "none"]
     properties = _mapping(machine.get("properties"))
     argv += ["-machine", encode({"type": machine.type, **properties}, "type")]
-    argv += ["-accel", encode({"accel": accel, **_mapping(machine.get("accel-properties"))},
-                              "accel")]  # fmt: skip
+    accel_properties = _mapping(_mapping(machine.get("accel-properties")).get(accel))
+    argv += ["-accel", encode({"accel": accel, **accel_properties}, "accel")]
     memory: dict[str, object] = {"size": f"{machine.memory // MiB}M"}
     for member, key in (("memory-slots", "slots"), ("maxmem", "maxmem")):
         if machine.get(member) is not None:

@@ -165,8 +165,12 @@ class Dispatcher:
             raise PhaseError(phase_refusal(spec.name, phase))
         if isinstance(spec.args, str):
             schema = await self.vmm.engine_schema()
-            arguments = dict(request.arguments)
-            args: Any = schema.check_command(spec.name, arguments) if schema else arguments
+            if schema is None:
+                raise QmpvmError(
+                    f"The engine's schema is unavailable (is the engine installed?), so "
+                    f"'{spec.name}' cannot be checked"
+                )
+            args: Any = schema.check_command(spec.name, dict(request.arguments))
         else:
             args = check(spec.args, request.arguments) if spec.args is not None else None
         if spec.args is None and request.arguments:

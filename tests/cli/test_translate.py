@@ -390,3 +390,27 @@ def test_readconfig(tmp_path: Path) -> None:
     config.write_text('[frobnicate]\n  x = "1"\n')
     with pytest.raises(UsageError, match=r"group \[frobnicate\] is not supported"):
         parse_argv(["-readconfig", str(config)], TYPER)
+
+
+def test_review_cases() -> None:
+    """Cases a review found: each accelerator keeps its own properties, chardev:
+    ports count towards QEMU's serialN labels, descriptors in -nic are refused."""
+    (machine,) = by_name(
+        commands("-accel", "kvm,kernel-irqchip=split", "-accel", "tcg,thread=single", "-S"),
+        "machine-set",
+    )
+    assert machine["accel"] == "kvm:tcg"
+    assert machine["accel-properties"] == {
+        "kvm": {"kernel-irqchip": "split"}, "tcg": {"thread": "single"},
+    }  # fmt: skip
+    cmds = commands("-chardev", "null,id=c", "-serial", "chardev:c", "-serial", "null", "-S")
+    assert [a["id"] for a in by_name(cmds, "chardev-add")] == ["c", "serial1"]
+    with pytest.raises(UsageError, match="-nic: pass descriptors with -netdev"):
+        parse_argv(["-nic", "tap,fd=3"], TYPER)
+
+
+def test_short_form_booleans_as_qemu_7_2_takes_them() -> None:
+    (char,) = by_name(commands("-chardev", "socket,id=c,path=/s,server,nowait", "-S"),
+                      "chardev-add")  # fmt: skip
+    assert char["backend"]["data"]["server"] is True  # type: ignore[index]
+    assert char["backend"]["data"]["wait"] is False  # type: ignore[index]

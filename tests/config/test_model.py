@@ -188,3 +188,24 @@ def test_references_of_every_kind() -> None:
         config.remove(Kind.DRIVE, "virtio0")
     with pytest.raises(NotFoundError, match="Object 'nope' not found"):
         add(config, Kind.DEVICE, {"driver": "virtio-rng-pci", "rng": "nope"})
+
+
+def test_what_the_machine_settings_name_cannot_be_deleted() -> None:
+    config = add(Config(), Kind.CHARDEV, {"id": "c0", "backend": {"type": "null", "data": {}}})
+    config = add(config, Kind.OBJECT, {"qom-type": "memory-backend-ram", "id": "ram0", "size": 1})
+    config = config.set_machine(
+        {"serial": ["chardev:c0", "none"], "properties": {"memory-backend": "ram0"}}
+    )
+    with pytest.raises(ConfigError, match="Chardev 'c0' is in use by the machine's settings"):
+        config.remove(Kind.CHARDEV, "c0")
+    with pytest.raises(ConfigError, match="Object 'ram0' is in use by the machine's settings"):
+        config.remove(Kind.OBJECT, "ram0")
+    config = config.set_machine({"serial": ["none"], "properties": {}})
+    assert config.remove(Kind.CHARDEV, "c0").find(Kind.CHARDEV, "c0") is None
+
+
+def test_a_drive_names_its_throttle_group() -> None:
+    config = add(Config(), Kind.OBJECT, {"qom-type": "throttle-group", "id": "tg"})
+    config = add(config, Kind.DRIVE, {"id": "d", "file": "/d", "throttling": {"group": "tg"}})
+    with pytest.raises(ConfigError, match="Object 'tg' is in use by drive 'd'"):
+        config.remove(Kind.OBJECT, "tg")

@@ -127,7 +127,7 @@ def test_every_machine_setting_becomes_its_engine_option() -> None:
             "type": "pc",
             "properties": {"usb": False, "dump-guest-core": False},
             "accel": "kvm:tcg",
-            "accel-properties": {"tb-size": 64},
+            "accel-properties": {"tcg": {"tb-size": 64}, "kvm": {"kernel-irqchip": "split"}},
             "cpus": 4,
             "smp": {"sockets": 2, "cores": 2},
             "maxmem": 4 << 30,

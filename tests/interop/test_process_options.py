@@ -106,3 +106,12 @@ async def test_a_monitor_on_an_inherited_connected_socket(tmp_path: Path) -> Non
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_descriptor_qmpvm_was_not_started_with_is_refused() -> None:
+    """-add-fd of a number qmpvm did not inherit must not take one of its own."""
+    argv = [str(QMPVM_AS_QEMU), "-nodefaults", "-S", "-machine", "none",
+            "-add-fd", "fd=3,set=1"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "-add-fd fd=3: not a descriptor qmpvm was started with" in done.stderr
