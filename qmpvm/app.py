@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qmpvm.cli import Options
 from qmpvm.monitor.client import Client
 from qmpvm.monitor.early import EarlyMonitor, Listener, greeting_line
 from qmpvm.monitor.protocol import Request
 from qmpvm.monitor.server import MonitorServer
 
 if TYPE_CHECKING:
+    from qmpvm.cli import Options
     from qmpvm.monitor.dispatch import Dispatcher
     from qmpvm.vmm import Vmm
 
