@@ -25,8 +25,11 @@ async def change(
 
     ``update`` is pure: it runs once to refuse bad changes before the engine
     is touched, and again after the engine step, on whatever configuration
-    is current by then (an event may have changed it meanwhile).
+    is current by then (an event may have changed it meanwhile).  It runs once
+    more before the lock is taken, so a change that is refused anyway does
+    not wait behind one that waits for the engine.
     """
+    update(vmm.config)
     async with vmm.change_lock:
         update(vmm.config)
         result: object = {}

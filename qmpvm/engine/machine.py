@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections import deque
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 STDERR_LINES = 50
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
+QUERY_TIMEOUT = float(os.environ.get("QMPVM_QUERY_TIMEOUT", "30"))
+"""Seconds a query may wait for the engine (the environment may set it)."""
 
 
 class EngineMachine:
@@ -150,7 +153,18 @@ class EngineMachine:
     async def execute(
         self, name: str, arguments: Mapping[str, object] | None = None, *, fds: Sequence[int] = ()
     ) -> object:
-        return await self.link.execute(name, arguments, fds=fds)
+        """The engine's answer; a query it does not answer in ``QUERY_TIMEOUT``
+        (a stopped or stuck engine) is an error, so no client waits for ever."""
+        if not name.startswith("query-"):
+            return await self.link.execute(name, arguments, fds=fds)
+        try:
+            async with asyncio.timeout(QUERY_TIMEOUT):
+                return await self.link.execute(name, arguments, fds=fds)
+        except TimeoutError:
+            raise EngineError(
+                f"The engine did not answer '{name}' in {QUERY_TIMEOUT:g} s "
+                f"(pid {self.pid}: stopped or stuck?)"
+            ) from None
 
     async def stop(self) -> None:
         """Ask the engine to quit; kill it if it does not."""
