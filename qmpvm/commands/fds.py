@@ -30,7 +30,7 @@ async def closefd(call: Call) -> object:
     return {}
 
 
-@REGISTRY.command("add-fd", args=ENGINE_ARGS, returns=object)
+@REGISTRY.command("add-fd", args=ENGINE_ARGS)
 async def add_fd(call: Call) -> object:
     fdset_id, opaque = call.args.get("fdset-id"), call.args.get("opaque")
     fd = call.client.take_fd()
@@ -45,6 +45,6 @@ async def remove_fd(call: Call) -> object:
     return {}
 
 
-@REGISTRY.command("query-fdsets", returns=object)
+@REGISTRY.command("query-fdsets")
 async def query_fdsets(call: Call) -> object:
     return call.vmm.fds.query_fdsets()

@@ -26,7 +26,7 @@ async def _caps(vmm: Vmm) -> Capabilities:
     return caps
 
 
-@REGISTRY.command("query-machines", returns=object)
+@REGISTRY.command("query-machines")
 async def query_machines(call: Call) -> object:
     seen: dict[str, object] = {}
     for entry in (await _caps(call.vmm)).machines.values():
@@ -34,7 +34,7 @@ async def query_machines(call: Call) -> object:
     return list(seen.values())
 
 
-@REGISTRY.command("qom-list-types", args=ENGINE_ARGS, returns=object)
+@REGISTRY.command("qom-list-types", args=ENGINE_ARGS)
 async def qom_list_types(call: Call) -> object:
     """The concrete types the cache knows; with a machine, the engine's whole answer."""
     implements = call.args.get("implements")
@@ -57,7 +57,7 @@ async def qom_list_types(call: Call) -> object:
 _KNOWN = (None, "device", "user-creatable", "machine", "accel")
 
 
-@REGISTRY.command("device-list-properties", args=ENGINE_ARGS, returns=object)
+@REGISTRY.command("device-list-properties", args=ENGINE_ARGS)
 async def device_list_properties(call: Call) -> object:
     typename = str(call.args["typename"])
     found = (await _caps(call.vmm)).device_list_properties(typename)
@@ -68,7 +68,7 @@ async def device_list_properties(call: Call) -> object:
     raise NotFoundError(f"Device '{typename}' not found")
 
 
-@REGISTRY.command("qom-list-properties", args=ENGINE_ARGS, returns=object)
+@REGISTRY.command("qom-list-properties", args=ENGINE_ARGS)
 async def qom_list_properties(call: Call) -> object:
     """Machine types (``NAME-machine``), object types and devices, from the cache."""
     typename = str(call.args["typename"])
@@ -86,7 +86,7 @@ async def qom_list_properties(call: Call) -> object:
     raise ConfigError(f"Class '{typename}' not found")
 
 
-@REGISTRY.command("query-cpu-definitions", returns=object)
+@REGISTRY.command("query-cpu-definitions")
 async def query_cpu_definitions(call: Call) -> object:
     if call.vmm.machine is not None:
         return await call.vmm.forward("query-cpu-definitions", {})
@@ -96,7 +96,7 @@ async def query_cpu_definitions(call: Call) -> object:
     ]
 
 
-@REGISTRY.command("query-command-line-options", args=ENGINE_ARGS, returns=object)
+@REGISTRY.command("query-command-line-options", args=ENGINE_ARGS)
 async def query_command_line_options(call: Call) -> object:
     option = call.args.get("option")
     options = (await _caps(call.vmm)).command_line_options

@@ -8,10 +8,9 @@ from collections.abc import Mapping, Sequence
 
 from qmpvm.commands.common import REGISTRY, change
 from qmpvm.config.boot import BootSet
-from qmpvm.config.machine import SETTINGS, MachineSet
+from qmpvm.config.machine import SETTINGS, declaration
 from qmpvm.errors import ConfigError
 from qmpvm.monitor.dispatch import BEFORE_INIT, ENGINE_ARGS, Call
-from qmpvm.schema import to_json
 from qmpvm.vmm import Vmm
 
 if typing.TYPE_CHECKING:
@@ -28,9 +27,9 @@ def refuse_boot_only(vmm: Vmm, command: str, given: Mapping[str, object]) -> Non
         )
 
 
-@REGISTRY.command("machine-set", args=MachineSet)
+@REGISTRY.command("machine-set", args=declaration())
 async def machine_set(call: Call) -> object:
-    given = to_json(call.args)
+    given = dict(call.args)
     vmm = call.vmm
     refuse_boot_only(vmm, "machine-set", given)
     caps = await vmm.capabilities()
@@ -107,10 +106,10 @@ def _mapping(value: object) -> dict[str, object]:
     return dict(value) if isinstance(value, dict) else {}
 
 
-@REGISTRY.command("boot-set", args=BootSet)
+@REGISTRY.command("boot-set", args={"kernel": "str", "*initrd": "str", "*append": "str"})
 async def boot_set(call: Call) -> object:
-    args: BootSet = call.args
-    refuse_boot_only(call.vmm, "boot-set", to_json(args))
+    args = BootSet(**call.args)
+    refuse_boot_only(call.vmm, "boot-set", call.args)
     check_boot_files(args.kernel, args.initrd)
     return await change(call.vmm, lambda c: c.set_boot(args))
 

@@ -12,7 +12,7 @@ from qmpvm.config.resource import Kind
 from qmpvm.monitor.dispatch import ENGINE_ARGS, Call
 
 
-@REGISTRY.command("query-named-block-nodes", args=ENGINE_ARGS, returns=object)
+@REGISTRY.command("query-named-block-nodes", args=ENGINE_ARGS)
 async def query_named_block_nodes(call: Call) -> object:
     vmm = call.vmm
     if vmm.machine is not None:
@@ -20,7 +20,7 @@ async def query_named_block_nodes(call: Call) -> object:
     return [_node_info(dict(r.args)) for r in vmm.config.of_kind(Kind.BLOCK)]
 
 
-@REGISTRY.command("query-block", returns=object)
+@REGISTRY.command("query-block")
 async def query_block(call: Call) -> object:
     vmm = call.vmm
     if vmm.machine is not None:
@@ -58,7 +58,7 @@ def _node_info(args: dict[str, object]) -> dict[str, object]:
     }
 
 
-@REGISTRY.command("query-chardev", returns=object)
+@REGISTRY.command("query-chardev")
 async def query_chardev(call: Call) -> object:
     vmm = call.vmm
     if vmm.machine is not None:

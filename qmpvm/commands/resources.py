@@ -10,7 +10,6 @@ that is hot-plugged on q35 into a free root port.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from qmpvm.commands.common import REGISTRY, change
@@ -22,7 +21,6 @@ from qmpvm.engine.launch import NO_HOTPLUG_MACHINES, machine_family
 from qmpvm.errors import ArgumentError, ConfigError, NotFoundError
 from qmpvm.keyval import coerce_property
 from qmpvm.monitor.dispatch import ENGINE_ARGS, Call
-from qmpvm.schema import to_json
 from qmpvm.vmm import Vmm
 
 if TYPE_CHECKING:
@@ -39,33 +37,10 @@ DEVICE_ALIASES: Mapping[str, str] = {
 """QEMU's device aliases on x86 (qdev-monitor.c): not in any introspection answer."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceAdd:
-    """QEMU marks device_add 'gen': false: any property may follow (``extra_members``)."""
-
-    driver: str
-    id: str | None = None
-    bus: str | None = None
-    extra_members: Mapping[str, object] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DriveAdd:
-    """``-drive`` as a command: QEMU's drive options, created at machine start."""
-
-    id: str
-    extra_members: Mapping[str, object] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DriveDel:
-    id: str
-
-
 async def add(call: Call) -> object:
     spec = BY_COMMAND[call.name]
     vmm = call.vmm
-    args = dict(call.args) if isinstance(call.args, dict) else to_json(call.args)
+    args = dict(call.args)
     if spec.kind is Kind.DEVICE:
         args = await _typed_device(vmm, args)
     if spec.kind is Kind.BLOCK and "node-name" not in args:
@@ -113,7 +88,7 @@ async def add(call: Call) -> object:
 async def delete(call: Call) -> object:
     spec = BY_COMMAND[call.name]
     vmm = call.vmm
-    args = dict(call.args) if isinstance(call.args, dict) else to_json(call.args)
+    args = dict(call.args)
     key = str(args[spec.delete_key])
     if vmm.machine is not None and not spec.hot:
         raise ConfigError(f"'{spec.delete}' is boot-only and the machine exists")
@@ -127,17 +102,15 @@ async def delete(call: Call) -> object:
     return {}
 
 
-_OWN_ARGS: Mapping[Kind, tuple[type, type | str]] = {
-    Kind.DEVICE: (DeviceAdd, ENGINE_ARGS),
-    Kind.DRIVE: (DriveAdd, DriveDel),
-}
-"""Kinds whose add is not checked by the engine's schema: device_add is
-'gen': false there, and drive-add is qmpvm's own."""
-
 for _spec in KINDS.values():
-    _add_args, _del_args = _OWN_ARGS.get(_spec.kind, (ENGINE_ARGS, ENGINE_ARGS))
-    REGISTRY.command(_spec.add, args=_add_args, returns=object)(add)
-    REGISTRY.command(_spec.delete, args=_del_args)(delete)
+    if _spec.kind is Kind.DRIVE:  # qmpvm's own: QEMU's drive options, any of them
+        REGISTRY.command(_spec.add, args={"id": "str"}, extra_members=True)(add)
+        REGISTRY.command(_spec.delete, args={"id": "str"})(delete)
+    else:  # device_add is 'gen': false in QEMU: properties beyond driver/id/bus pass
+        REGISTRY.command(
+            _spec.add, args=ENGINE_ARGS, extra_members=_spec.kind is Kind.DEVICE
+        )(add)
+        REGISTRY.command(_spec.delete, args=ENGINE_ARGS)(delete)
 
 
 async def _typed_device(vmm: Vmm, args: dict[str, object]) -> dict[str, object]:

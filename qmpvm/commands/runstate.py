@@ -27,7 +27,7 @@ HMP_CHANGES_CONFIG = frozenset(
 """HMP commands that would change what the store records behind its back."""
 
 
-@REGISTRY.command("human-monitor-command", args=ENGINE_ARGS, returns=str, phases=AFTER_INIT)
+@REGISTRY.command("human-monitor-command", args=ENGINE_ARGS, phases=AFTER_INIT)
 async def human_monitor_command(call: Call) -> object:
     """Forwarded, except what would change the configuration unrecorded."""
     line = str(call.args["command-line"])
@@ -40,5 +40,9 @@ async def human_monitor_command(call: Call) -> object:
     return await call.vmm.forward("human-monitor-command", call.args)
 
 
-for _event in ("STOP", "RESUME", "RESET", "SHUTDOWN", "POWERDOWN", "DEVICE_DELETED", "ENGINE_EXIT"):
-    REGISTRY.event(_event)
+for _event in ("STOP", "RESUME", "RESET", "SHUTDOWN", "POWERDOWN", "DEVICE_DELETED"):
+    REGISTRY.event(_event)  # the engine's: its schema declares their data
+REGISTRY.event(
+    "ENGINE_EXIT",
+    {"status": "str", "exit-code": "any", "signal": "any", "reason": "str", "stderr": "str"},
+)

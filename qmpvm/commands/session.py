@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qmpvm import QEMU_VERSION, __version__
@@ -27,12 +26,12 @@ def version() -> dict[str, object]:
     }
 
 
-@REGISTRY.command("query-version", returns=object)
+@REGISTRY.command("query-version")
 async def query_version(call: Call) -> object:
     return version()
 
 
-@REGISTRY.command("query-commands", returns=object)
+@REGISTRY.command("query-commands")
 async def query_commands(call: Call) -> object:
     """qmpvm's commands and every engine command it relays."""
     names = set(REGISTRY.commands)
@@ -45,7 +44,7 @@ async def query_commands(call: Call) -> object:
 _merged_schema: Encoded | None = None
 
 
-@REGISTRY.command("query-qmp-schema", returns=object)
+@REGISTRY.command("query-qmp-schema")
 async def query_qmp_schema(call: Call) -> object:
     """The engine's schema with qmpvm's own commands merged in, type names masked
     as QEMU masks them: a client reading capabilities from it sees the engine.
@@ -70,13 +69,13 @@ async def query_qmp_schema(call: Call) -> object:
     return _merged_schema
 
 
-@REGISTRY.command("query-name", returns=object)
+@REGISTRY.command("query-name")
 async def query_name(call: Call) -> object:
     name = call.vmm.config.machine.name
     return {"name": name} if name is not None else {}
 
 
-@REGISTRY.command("query-kvm", returns=object)
+@REGISTRY.command("query-kvm")
 async def query_kvm(call: Call) -> object:
     from qmpvm.engine.host import kvm_state
 
@@ -87,7 +86,7 @@ async def query_kvm(call: Call) -> object:
     }
 
 
-@REGISTRY.command("query-status", returns=object)
+@REGISTRY.command("query-status")
 async def query_status(call: Call) -> object:
     vmm = call.vmm
     if vmm.machine is not None:
@@ -97,7 +96,7 @@ async def query_status(call: Call) -> object:
     return {"status": vmm.status, "running": False, "singlestep": False, "phase": str(vmm.phase)}
 
 
-@REGISTRY.command("query-machine", returns=object)
+@REGISTRY.command("query-machine")
 async def query_machine(call: Call) -> object:
     vmm = call.vmm
     reply: dict[str, object] = {"phase": str(vmm.phase), **vmm.config.describe()}
@@ -112,14 +111,9 @@ async def query_machine(call: Call) -> object:
     return reply
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ConfigExport:
-    diff: bool = True
-
-
-@REGISTRY.command("config-export", args=ConfigExport, returns=object)
+@REGISTRY.command("config-export", args={"*diff": "bool"})
 async def config_export(call: Call) -> object:
-    return call.vmm.config.export(diff=call.args.diff)
+    return call.vmm.config.export(diff=call.args.get("diff", True))
 
 
 @REGISTRY.command("quit")

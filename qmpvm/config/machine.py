@@ -10,14 +10,16 @@ the engine lists them; the engine checks the rest when it starts.
 
 from __future__ import annotations
 
-import dataclasses
-import keyword
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from qmpvm.errors import ArgumentError, ConfigError
+
+if TYPE_CHECKING:
+    from qmpvm.qapi.check import TypeDecl
 
 MiB = 1024 * 1024
 MIN_MEMORY = 16 * MiB
@@ -218,30 +220,11 @@ def _check_range(name: str, value: object) -> None:
         raise ConfigError(f"Parameter '{name}' must not be empty")
 
 
-_PYTHON_TYPES: Mapping[str, object] = {
-    "str": str,
-    "int": int,
-    "bool": bool,
-    "object": Mapping[str, object],
-    "objects": list[Mapping[str, object]],
-    "strs": list[str],
-}
-
-
-def _python_name(name: str) -> str:
-    """A member's field name: QMP's ``-`` as ``_``, a keyword with ``_`` after it."""
-    return name.replace("-", "_") + ("_" if keyword.iskeyword(name) else "")
-
-
-MachineSet = dataclasses.make_dataclass(
-    "MachineSet",
-    [
-        (_python_name(name), _PYTHON_TYPES[s.shape] | None, field(default=None))  # type: ignore[operator]
-        for name, s in SETTINGS.items()
-    ],
-    frozen=True,
-    kw_only=True,
-    slots=True,
-)
-"""``machine-set`` arguments, one optional member per setting: made from the
-table, so the checker and ``query-qmp-schema`` see exactly the table."""
+def declaration() -> dict[str, TypeDecl]:
+    """``machine-set``'s arguments, one optional member per setting: made from the
+    table, so the checker and ``query-qmp-schema`` see exactly the table."""
+    types: dict[str, TypeDecl] = {
+        "str": "str", "int": "int", "bool": "bool", "object": "any", "objects": "[any]",
+        "strs": "[str]",
+    }  # fmt: skip
+    return {f"*{name}": types[s.shape] for name, s in SETTINGS.items()}

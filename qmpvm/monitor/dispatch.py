@@ -1,10 +1,14 @@
 """The command registry and the dispatcher: request -> checked call -> reply.
 
-Each command is declared once (name, argument type, return type, phases)
-with ``@registry.command``.  The dispatcher refuses, before any side effect,
-commands that do not exist, are not allowed in the current phase, or whose
-arguments fail the schema; it is also the one place where errors become
-QMP error replies.  Command code never sees JSON framing.
+Each command is declared once (name, arguments, phases) with
+``@registry.command``: an engine command's arguments are the engine's
+(``ENGINE_ARGS``, checked by the engine's schema), qmpvm's own are declared in
+``qmpvm.qapi.check.declare``'s form and checked by the same generic checker.
+The dispatcher refuses, before any side effect, commands that do not exist,
+are not allowed in the current phase, or whose arguments fail the schema;
+relays every other engine command to the machine (but ``UNRECORDED``); and is
+the one place where errors become QMP error replies.  Command code never sees
+JSON framing.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from qmpvm.errors import CommandNotFoundError, ErrorClass, PhaseError, QmpvmError, error_reply
 from qmpvm.monitor.protocol import Request
-from qmpvm.schema import Introspector, check
 
 if TYPE_CHECKING:
     from qmpvm.monitor.client import Client
+    from qmpvm.qapi.check import Schema, TypeDecl
     from qmpvm.vmm import Vmm
 
 log = logging.getLogger(__name__)
@@ -42,7 +46,7 @@ class Call:
 
     vmm: Vmm
     client: Client
-    args: Any  # an instance of the command's declared argument type, or None
+    args: Any  # the checked arguments (a dict)
     name: str
 
 
@@ -74,28 +78,34 @@ and why; every other engine command qmpvm does not declare is relayed to the
 machine (queries, run state, migration, qom-get/qom-set, NBD exports, ...)."""
 
 
+Declaration = Mapping[str, "TypeDecl"]
+"""qmpvm's own command's arguments, in ``qmpvm.qapi.check.declare``'s form
+(``{"kernel": "str", "*initrd": "str"}``)."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CommandSpec:
     name: str
     handler: Handler
-    args: type | str | None = None
-    returns: object = None
+    args: Declaration | str | None = None  # ENGINE_ARGS: the engine's schema checks them
+    extra_members: bool = False  # QEMU's 'gen': false: members beyond the declared pass
     phases: frozenset[Phase] = ALWAYS
 
 
 @dataclass(slots=True)
 class Registry:
     commands: dict[str, CommandSpec] = field(default_factory=dict)
-    events: dict[str, type | None] = field(default_factory=dict)
+    events: dict[str, Declaration] = field(default_factory=dict)
     hooks: dict[str, list[EventHook]] = field(default_factory=dict)
     _schema: list[dict[str, object]] | None = field(default=None, init=False, repr=False)
+    _checker: Schema | None = field(default=None, init=False, repr=False)
 
     def command(
         self,
         name: str,
         *,
-        args: type | str | None = None,
-        returns: object = None,
+        args: Declaration | str | None = None,
+        extra_members: bool = False,
         phases: frozenset[Phase] = ALWAYS,
         aliases: Iterable[str] = (),
     ) -> Callable[[Handler], Handler]:
@@ -104,33 +114,53 @@ class Registry:
                 if each in self.commands:
                     raise ValueError(f"command {each} declared twice")
                 self.commands[each] = CommandSpec(
-                    name=each, handler=handler, args=args, returns=returns, phases=phases
+                    name=each,
+                    handler=handler,
+                    args=args,
+                    extra_members=extra_members,
+                    phases=phases,
                 )
             return handler
 
         return register
 
-    def event(self, name: str, data: type | None = None) -> None:
-        self.events[name] = data
+    def event(self, name: str, data: Declaration | None = None) -> None:
+        self.events[name] = data or {}
 
     def hook(self, event: str, hook: EventHook) -> None:
         """Run ``hook`` on every engine event ``event``, before clients hear it."""
         self.hooks.setdefault(event, []).append(hook)
 
     def schema(self) -> list[dict[str, object]]:
-        """``query-qmp-schema``: every command and event, with their types.
-
-        Built once: the declarations do not change after import.
-        """
+        """qmpvm's own commands and events as SchemaInfo entries (``declare``),
+        for ``query-qmp-schema`` to merge into the engine's. Built once."""
         if self._schema is None:
-            introspector = Introspector()
-            for spec in self.commands.values():
-                if not isinstance(spec.args, str):
-                    introspector.command(spec.name, spec.args, spec.returns)
-            for name, data in self.events.items():
-                introspector.event(name, data)
-            self._schema = list(introspector.entries.values())
+            from qmpvm.qapi.check import CommandDecl, declare
+
+            own = {
+                name: CommandDecl(args=spec.args if isinstance(spec.args, Mapping) else {},
+                                  ret="any")
+                for name, spec in self.commands.items()
+                if spec.args != ENGINE_ARGS
+            }  # fmt: skip
+            # an event is declared as a command with its data as arguments, then renamed
+            events = {f"event {name}": CommandDecl(args=data) for name, data in self.events.items()}
+            entries = declare({**own, **events})
+            for entry in entries:
+                name = str(entry["name"])
+                if name.startswith("event "):
+                    entry.pop("ret-type")
+                    entry.update({"name": name.removeprefix("event "), "meta-type": "event"})
+            self._schema = entries
         return self._schema
+
+    def checker(self) -> Schema:
+        """The one generic checker, over qmpvm's own declarations."""
+        if self._checker is None:
+            from qmpvm.qapi.check import Schema
+
+            self._checker = Schema(self.schema())
+        return self._checker
 
 
 def phase_refusal(name: str, phase: Phase) -> str:
@@ -163,20 +193,32 @@ class Dispatcher:
         phase = self.vmm.phase
         if phase not in spec.phases:
             raise PhaseError(phase_refusal(spec.name, phase))
-        if isinstance(spec.args, str):
+        args: Any = await self._checked(spec, request.arguments)
+        return await spec.handler(Call(vmm=self.vmm, client=client, args=args, name=request.name))
+
+    async def _checked(self, spec: CommandSpec, arguments: Mapping[str, object]) -> Any:
+        """The arguments, checked by the engine's schema or qmpvm's declarations."""
+        if spec.args is None:
+            if arguments:
+                raise QmpvmError(f"Parameter '{next(iter(arguments))}' is unexpected")
+            return {}
+        if spec.args == ENGINE_ARGS:
             schema = await self.vmm.engine_schema()
             if schema is None:
                 raise QmpvmError(
                     f"The engine's schema is unavailable (is the engine installed?), so "
                     f"'{spec.name}' cannot be checked"
                 )
-            args: Any = schema.check_command(spec.name, dict(request.arguments))
         else:
-            args = check(spec.args, request.arguments) if spec.args is not None else None
-        if spec.args is None and request.arguments:
-            name = next(iter(request.arguments))
-            raise QmpvmError(f"Parameter '{name}' is unexpected")
-        return await spec.handler(Call(vmm=self.vmm, client=client, args=args, name=request.name))
+            schema = self.registry.checker()
+        given = dict(arguments)
+        if spec.extra_members:  # only what is declared is checked; the rest passes
+            arg_type = schema.arg_type(spec.name)
+            members = schema.members(arg_type) if arg_type else None
+            declared = {m.name for m in members or ()}
+            schema.check_command(spec.name, {k: v for k, v in given.items() if k in declared})
+            return given
+        return schema.check_command(spec.name, given)
 
     async def _relay(self, name: str, arguments: Mapping[str, object]) -> object:
         """An engine command qmpvm does not declare: checked, then the machine answers."""

@@ -7,11 +7,10 @@ import pytest
 from qmpvm.config import kinds
 from qmpvm.config.boot import BootSet
 from qmpvm.config.descriptors import fd_names, fdset_ids
-from qmpvm.config.machine import MachineConfig, MachineSet
+from qmpvm.config.machine import MachineConfig
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind
 from qmpvm.errors import ArgumentError, ConfigError, NotFoundError
-from qmpvm.schema import check
 
 RINGBUF = {"id": "s0", "backend": {"type": "ringbuf", "data": {"size": 4096}}}
 DISK = {"driver": "raw", "node-name": "d0", "file": {"driver": "file", "filename": "/tmp/d"}}
@@ -119,18 +118,21 @@ def test_documents_round_trip_through_the_api_checks() -> None:
 
 
 def test_schema_errors_use_qemu_wording() -> None:
+    from qmpvm.commands import REGISTRY
+
+    check = REGISTRY.checker().check_command
     with pytest.raises(ArgumentError, match="Parameter 'bogus' is unexpected"):
-        check(MachineSet, {"bogus": 1})
+        check("machine-set", {"bogus": 1})
     with pytest.raises(
         ArgumentError, match="Invalid parameter type for 'memory', expected: integer"
     ):
-        check(MachineSet, {"memory": "1G"})
+        check("machine-set", {"memory": "1G"})
     with pytest.raises(ArgumentError, match="Invalid parameter type for 'cpus', expected: integer"):
-        check(MachineSet, {"cpus": True})
+        check("machine-set", {"cpus": True})
     with pytest.raises(ArgumentError, match="Parameter 'kernel' is missing"):
-        check(BootSet, {})
+        check("boot-set", {})
     with pytest.raises(ArgumentError, match="Invalid parameter type for 'smp', expected: object"):
-        check(MachineSet, {"smp": 2})
+        Config().set_machine({"smp": 2})
 
 
 def test_fdset_ids_found_in_inline_children() -> None:
