@@ -128,6 +128,8 @@ def main(
         print(f"qmpvm: {err}", file=sys.stderr)
         return 1
     options.open_at_start = open_at_start
+    for warning in options.warnings:
+        print(f"qmpvm: warning: {warning}", file=sys.stderr)
     if options.engine_help is not None:
         os.execvp(options.engine, [options.engine, *options.engine_help])
     if options.daemonize and not options.print_qmp:

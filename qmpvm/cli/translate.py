@@ -76,6 +76,7 @@ class Options:
     daemonize: bool = False
     ready_fd: int | None = None  # -daemonize: written to once the machine is ready
     print_qmp: bool = False
+    warnings: list[str] = field(default_factory=list)  # for stderr: what QEMU ignores too
     engine: str = "qemu-system-x86_64"
     engine_help: list[str] | None = None  # "-device help": the engine answers it
     verbosity: int = 0
@@ -105,6 +106,10 @@ class Typer(Protocol):
         """``tree`` typed by the engine's ``query-command-line-options`` ``group``."""
         ...
 
+    def params(self, group: str) -> frozenset[str]:
+        """The keys the engine's option ``group`` takes (empty: not known)."""
+        ...
+
 
 class Untyped:
     """The typer without an engine: text stays text, the engine checks it later."""
@@ -114,6 +119,9 @@ class Untyped:
 
     def group(self, group: str, tree: dict[str, object]) -> dict[str, object]:
         return tree
+
+    def params(self, group: str) -> frozenset[str]:
+        return frozenset()
 
 
 Handler = Callable[["Translator", str, str], None]
@@ -306,6 +314,15 @@ class Translator:
 
     def chardev(self, option: str, value: str) -> None:
         tree = self.typer.group("chardev", parse(value, "backend"))
+        # -chardev takes one set of keys for every backend, and QEMU ignores those a
+        # backend does not use: so does qmpvm, saying so
+        unused = set(tree) - chardev.legacy_keys(str(tree.get("backend")))
+        for key in sorted(unused & self.typer.params("chardev")):
+            del tree[key]
+            self.options.warnings.append(
+                f"-chardev {tree.get('backend')}: '{key}' is not used by this backend "
+                "(QEMU ignores it too)"
+            )
         try:
             for args in chardev.from_legacy(tree):
                 self.add(Kind.CHARDEV, args)
@@ -697,7 +714,10 @@ def translate(argv: list[str], typer: Typer | None = None) -> Options:
             translator.line_type = str(parse(value, "type").get("type", "")) or None
     args = iter(argv)
     for raw in args:
-        option = "-" + raw.lstrip("-") if raw.startswith("-") else raw
+        if not raw.startswith("-"):  # QEMU: a word that is no option is the first disk
+            translator.drive_shorthand("-hda", raw)
+            continue
+        option = "-" + raw.lstrip("-")
         spec = OPTIONS.get(option)
         if spec is None:
             translator.fail(f"unknown option '{raw}' (see --help)")

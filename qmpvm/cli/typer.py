@@ -51,6 +51,9 @@ class EngineTyper:
         params = self.groups.get(group) or {}
         return {key: _typed(params.get(key), value) for key, value in tree.items()}
 
+    def params(self, group: str) -> frozenset[str]:
+        return frozenset(self.groups.get(group) or ())
+
 
 def _typed(kind: str | None, value: object) -> object:
     if not isinstance(value, str):

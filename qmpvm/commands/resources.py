@@ -107,9 +107,7 @@ for _spec in KINDS.values():
         REGISTRY.command(_spec.add, args={"id": "str"}, extra_members=True)(add)
         REGISTRY.command(_spec.delete, args={"id": "str"})(delete)
     else:  # device_add is 'gen': false in QEMU: properties beyond driver/id/bus pass
-        REGISTRY.command(
-            _spec.add, args=ENGINE_ARGS, extra_members=_spec.kind is Kind.DEVICE
-        )(add)
+        REGISTRY.command(_spec.add, args=ENGINE_ARGS, extra_members=_spec.kind is Kind.DEVICE)(add)
         REGISTRY.command(_spec.delete, args=ENGINE_ARGS)(delete)
 
 

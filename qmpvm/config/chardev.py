@@ -50,6 +50,17 @@ _INET_KEYS = (("host", "host"), ("port", "port"), ("to", "to"), ("ipv4", "ipv4")
               ("ipv6", "ipv6"))  # fmt: skip
 
 
+def legacy_keys(backend: str) -> frozenset[str]:
+    """The -chardev keys ``backend`` uses (QEMU ignores the others its option takes)."""
+    backend = ALIASES.get(backend, backend)
+    keys = {legacy for legacy, _member in (*COMMON, *RENAMES.get(backend, ()))}
+    if backend == "socket":
+        keys |= {k for k, _m in (*_UNIX_KEYS, *_INET_KEYS)} | {"fd"}
+    elif backend == "udp":
+        keys |= {"host", "port", "localaddr", "localport", "ipv4", "ipv6"}
+    return frozenset(keys | {"backend", "id", "mux"})
+
+
 def backend_of(args: Mapping[str, object]) -> tuple[str, Mapping[str, object]]:
     """(type, data) of a stored chardev-add."""
     backend = typing.cast(Mapping[str, object], args["backend"])  # checked on the way in

@@ -414,3 +414,21 @@ def test_short_form_booleans_as_qemu_7_2_takes_them() -> None:
                       "chardev-add")  # fmt: skip
     assert char["backend"]["data"]["server"] is True  # type: ignore[index]
     assert char["backend"]["data"]["wait"] is False  # type: ignore[index]
+
+
+def test_chardev_keys_a_backend_does_not_use_are_ignored_as_qemu_ignores_them() -> None:
+    options = parse_argv(
+        ["-chardev", "qemu-vdagent,id=ch0,name=vdagent,clipboard=on,mouse=on", "-S"], TYPER
+    )
+    (char,) = by_name(options.commands, "chardev-add")
+    assert char["backend"] == {"type": "qemu-vdagent", "data": {"clipboard": True, "mouse": True}}
+    assert options.warnings == [
+        "-chardev qemu-vdagent: 'name' is not used by this backend (QEMU ignores it too)"
+    ]
+    with pytest.raises(UsageError, match="unknown parameter 'bogus'"):
+        parse_argv(["-chardev", "null,id=c,bogus=1"], TYPER)
+
+
+def test_a_word_that_is_no_option_is_the_first_disk_as_in_qemu() -> None:
+    cmds = commands("-M", "pc", "disk.img", "-S")
+    assert by_name(cmds, "drive-add") == [{"file": "disk.img", "index": 0, "id": "ide0-hd0"}]
