@@ -615,7 +615,6 @@ _DRIVE_SHORTHANDS: Mapping[str, tuple[str | None, int | None, str | None]] = {
 _SETTING_OF = {s.option: s for s in SETTINGS.values() if s.option is not None}
 
 T = Translator
-_GUI = "graphical user interfaces are not offered (use -vnc or -spice)"
 _REFUSED = {
     "-runas": "the engine's confinement is qmpvm's to set up",
     "-chroot": "the engine's confinement is qmpvm's to set up",
@@ -627,14 +626,11 @@ _REFUSED = {
     "-dump-vmstate": "engine debugging options are not offered",
     "-xen-domid": "Xen is not an engine qmpvm drives",
     "-echr": "HMP monitors are not offered",
-    "-full-screen": _GUI,
-    "-portrait": _GUI,
-    "-rotate": _GUI,
     "-qmp-pretty": "pretty-printed QMP is not offered; use -qmp",
     "-xen-attach": "Xen is not an engine qmpvm drives",
     "-xen-domid-restrict": "Xen is not an engine qmpvm drives",
 }
-_REFUSED_FLAGS = ("-full-screen", "-portrait", "-xen-attach", "-xen-domid-restrict")
+_REFUSED_FLAGS = ("-xen-attach", "-xen-domid-restrict")
 
 OPTIONS: dict[str, Option] = {
     # the machine settings that are one option each (more specific handlers below)

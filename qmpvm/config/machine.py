@@ -123,6 +123,9 @@ SETTINGS: Mapping[str, Setting] = {
         Setting(name="no-fd-bootchk", shape="bool", option="-no-fd-bootchk"),
         Setting(name="async-teardown", shape="bool", option="-async-teardown"),
         Setting(name="enable-sync-profile", shape="bool", option="-enable-sync-profile"),
+        Setting(name="full-screen", shape="bool", option="-full-screen"),
+        Setting(name="portrait", shape="bool", option="-portrait"),
+        Setting(name="rotate", shape="str", option="-rotate"),
         Setting(name="incoming", shape="str", option="-incoming"),
         Setting(name="loadvm", shape="str", option="-loadvm"),
     )
