@@ -69,10 +69,12 @@ def encode(tree: Mapping[str, object], implied_key: str | None = None) -> str:
     """``parse``'s inverse: ``on``/``off`` for bools, dotted keys for nested
     objects, a list as its key repeated, commas doubled."""
     items: list[str] = []
-    if implied_key is not None and implied_key in tree:
-        items.append(_text(tree[implied_key]))
+    implied = tree.get(implied_key) if implied_key is not None else None
+    bare = implied is not None and "=" not in _text(implied)  # else it reads as a key
+    if bare:
+        items.append(_text(implied))
     for key, value in _flatten(tree, ""):
-        if key != implied_key:
+        if not (bare and key == implied_key):
             items.append(f"{key}={_text(value)}")
     return ",".join(items)
 

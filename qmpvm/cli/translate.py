@@ -253,9 +253,9 @@ class Translator:
         for feature in features:
             if feature[:1] in "+-" and "=" not in feature:
                 tree[feature[1:]] = "on" if feature[0] == "+" else "off"
-            else:
-                key, _, text = feature.partition("=")
-                tree[key] = text
+            else:  # a bare feature is feature=on, as QEMU reads it
+                key, sep, text = feature.partition("=")
+                tree[key] = text if sep else "on"
         self.set("cpu", tree)
 
     def setting(self, option: str, value: str) -> None:

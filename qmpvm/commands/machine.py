@@ -87,7 +87,7 @@ def check_with_engine(given: Mapping[str, object], caps: Capabilities, machine_t
             continue
         for item in value if isinstance(value, list) else [value]:
             for key in _mapping(item):
-                if key not in params:
+                if key not in params and key != "id":  # QEMU's option parser takes ids
                     raise ConfigError(f"Invalid parameter '{key}' for '{name}'")
 
 

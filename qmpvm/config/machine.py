@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from qmpvm.qapi.check import TypeDecl
 
 MiB = 1024 * 1024
-MIN_MEMORY = 16 * MiB
+MIN_MEMORY = MiB
 MAX_CPUS = 288
 MAX_HOTPLUG_PORTS = 24
 """q35's root bus has 32 slots; the machine's own devices use a few."""

@@ -433,3 +433,17 @@ def test_chardev_keys_a_backend_does_not_use_are_ignored_as_qemu_ignores_them() 
 def test_a_word_that_is_no_option_is_the_first_disk_as_in_qemu() -> None:
     cmds = commands("-M", "pc", "disk.img", "-S")
     assert by_name(cmds, "drive-add") == [{"file": "disk.img", "index": 0, "id": "ide0-hd0"}]
+
+
+def test_end_to_end_review_cases() -> None:
+    """From running libvirt's own lines through QEMU and qmpvm side by side."""
+    (machine,) = by_name(
+        commands("-cpu", "qemu64,hv-crash,-vmx", "-m", "8",
+                 "-fsdev", "local,id=f0,path=/x,security_model=none", "-S"),
+        "machine-set",
+    )  # fmt: skip
+    assert machine["cpu"] == {"model": "qemu64", "hv-crash": "on", "vmx": "off"}
+    assert machine["memory"] == 8 << 20
+    assert machine["fsdev"] == [
+        {"fsdriver": "local", "id": "f0", "path": "/x", "security_model": "none"}
+    ]

@@ -170,3 +170,8 @@ def test_drives_and_chardevs_in_qemus_key_value_form() -> None:
         "socket,id=c0,host=127.0.0.1,port=4444,server=on,wait=off",  # QMP's defaults, made explicit
         "socket,id=c1,server=off,reconnect=10,path=/s",
     ]
+
+
+def test_an_implied_value_with_an_equals_sign_keeps_its_key() -> None:
+    config = Config().set_machine({"vnc": {"vnc": "unix:/tmp/foo=bar.sock", "audiodev": "a"}})
+    assert values(launch(config), "-vnc") == ["vnc=unix:/tmp/foo=bar.sock,audiodev=a"]
