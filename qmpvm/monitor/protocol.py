@@ -31,6 +31,9 @@ from qmpvm.errors import ErrorClass
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_NESTING = 1024
+MAX_TOKENS = 2 * 1024 * 1024
+"""QEMU's limit too (json-streamer.c): a message of millions of tiny values
+would cost seconds and hundreds of MiB to decode; it is refused unread."""
 
 # Bytes that are invalid anywhere in JSON; like QEMU's lexer, one of them
 # abandons the value in progress, so a client can resynchronize (0xFF, per
@@ -75,11 +78,17 @@ class JsonSplitter:
         self._bare = False  # inside an unquoted top-level token (e.g. 42)
         self._in_value = False
         self._too_deep = False
+        self._tokens = 0  # counted where it is cheap: structure, and , : between it
 
     @property
     def idle(self) -> bool:
         """No value is in progress: the next byte starts a new one."""
         return not self._in_value
+
+    @property
+    def pending(self) -> int:
+        """Bytes held of the value in progress."""
+        return sum(len(part) for part in self._parts) if self._in_value else 0
 
     def feed(self, data: bytes) -> list[bytes | ParseFailure]:
         out: list[bytes | ParseFailure] = []
@@ -137,8 +146,10 @@ class JsonSplitter:
                 continue
             found = _OUTSIDE.search(data, pos)
             if found is None:
+                self._count(data, pos, end)
                 pos = end
                 break
+            self._count(data, pos, found.start())
             pos = found.end()
             byte = data[found.start()]
             if byte in _INVALID_BYTES:
@@ -157,13 +168,17 @@ class JsonSplitter:
             self._keep(data[start:end])
         return out
 
+    def _count(self, data: bytes, start: int, stop: int) -> None:
+        """Tokens: this structural byte, and each , or : before it with its value."""
+        self._tokens += 1 + 2 * (data.count(b",", start, stop) + data.count(b":", start, stop))
+
     def _abandon(self, byte: int, out: list[bytes | ParseFailure]) -> None:
         out.append(ParseFailure(desc=f"JSON parse error, invalid byte 0x{byte:02x}"))
         self._reset()
 
     def _keep(self, piece: bytes) -> None:
         self._size += len(piece)
-        if self._size <= self._max_bytes:
+        if self._size <= self._max_bytes and self._tokens <= MAX_TOKENS:
             self._parts.append(piece)
         else:
             self._parts.clear()
@@ -176,13 +191,15 @@ class JsonSplitter:
             )
         elif self._too_deep:
             out.append(ParseFailure(desc=f"JSON parse error, nesting deeper than {MAX_NESTING}"))
+        elif self._tokens > MAX_TOKENS:
+            out.append(ParseFailure(desc=f"JSON parse error, more than {MAX_TOKENS} tokens"))
         else:
             out.append(b"".join(self._parts))
         self._reset()
 
     def _reset(self) -> None:
         self._parts = []
-        self._size = self._depth = self._quote = 0
+        self._size = self._depth = self._quote = self._tokens = 0
         self._bare = self._in_value = self._escaped = self._too_deep = False
 
 
@@ -403,6 +420,11 @@ class ServerConnection:
     @property
     def wants_events(self) -> bool:
         return self.state is SessionState.COMMANDS
+
+    @property
+    def pending(self) -> int:
+        """Bytes held of a message not yet complete."""
+        return self._splitter.pending
 
     def receive_data(self, data: bytes) -> Iterator[Request | Reply]:
         """Everything ``data`` completes, in order."""

@@ -46,6 +46,9 @@ MAX_OUTPUT_BYTES = 4 << 20
 """...and their bytes: past either, a reply waits and an event drops the client.
 A single reply may exceed it (it is written once the backlog is empty), so a
 client holds at most this plus one message."""
+MAX_PENDING_INPUT = 64 << 20
+"""Bytes of unfinished messages held for all clients together: past it, the
+client whose read went over is dropped (each may hold up to 16 MiB alone)."""
 FLUSH_SECONDS = 1.0
 """How long a closing session waits for its client to read what is left."""
 _FD_ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
@@ -126,6 +129,11 @@ class Session:
                 except (TypeError, ValueError):
                     self.log.exception("reply to %s is not JSON", item.name)
                     await self._send(item.fail("GenericError", f"internal error in '{item.name}'"))
+            if not self.server.hold_input(self, self.protocol.pending):
+                self.log.warning(
+                    "dropped: unfinished input of all clients over %d bytes", MAX_PENDING_INPUT
+                )
+                return
 
     async def _send(self, message: dict[str, object]) -> None:
         self.log.debug("<-- %s", message)
@@ -290,6 +298,7 @@ class MonitorServer:
         self.sessions: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._listeners: list[tuple[socket.socket, Listener]] = []
+        self._pending_input: dict[Session, int] = {}  # unfinished message bytes, per client
         self._accepting: list[asyncio.Task[None]] = []
         self._next_client = 1
 
@@ -362,6 +371,19 @@ class MonitorServer:
 
     def _session_done(self, session: Session, _task: asyncio.Task[None]) -> None:
         self.sessions.discard(session)
+        self._pending_input.pop(session, None)
+
+    def hold_input(self, session: Session, pending: int) -> bool:
+        """Record what ``session`` holds of an unfinished message; False if all
+        clients together would then hold more than ``MAX_PENDING_INPUT``."""
+        if pending:
+            self._pending_input[session] = pending
+        else:
+            self._pending_input.pop(session, None)
+        if sum(self._pending_input.values()) <= MAX_PENDING_INPUT:
+            return True
+        self._pending_input.pop(session, None)
+        return False
 
     async def close(self, grace: float = 2.0) -> None:
         for sock, listener in self._listeners:

@@ -263,3 +263,16 @@ def test_nesting_limit_holds_whatever_the_recursion_limit() -> None:
         "class": "GenericError",
         "desc": "JSON parse error, nesting deeper than 1024",
     }
+
+
+def test_a_message_of_too_many_tokens_is_refused_unread() -> None:
+    """QEMU's limit: millions of tiny values would take seconds to decode."""
+    splitter = JsonSplitter()
+    many = b"[" + b"[]," * 1_100_000 + b"[]]"  # 2.2M brackets
+    pieces = [many[i : i + 65536] for i in range(0, len(many), 65536)]
+    out = [item for piece in pieces for item in splitter.feed(piece)]
+    assert out == [ParseFailure(desc="JSON parse error, more than 2097152 tokens")]
+    assert splitter.idle
+    fewer = b"[" + b"1," * 900_000 + b"1]"  # about 1.8M tokens: still a message
+    (value,) = splitter.feed(fewer)
+    assert value == fewer

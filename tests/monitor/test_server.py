@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import logging
@@ -232,6 +233,29 @@ async def test_replies_are_bounded_by_bytes_not_only_by_count(
     assert session._output_bytes <= 4 * BIG + 1024
     ids = [(await hog.line())["id"] for _ in range(20)]
     assert ids == list(range(20)), "nothing lost once it reads"
+
+
+async def test_unfinished_input_is_bounded_across_all_clients(
+    server: tuple[MonitorServer, Backend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many clients each holding most of a maximal message must not add up."""
+    monkeypatch.setattr(server_module, "MAX_PENDING_INPUT", 200_000)
+    monitor, _backend = server
+    first = await connect(monitor)
+    await first.send(b'{"execute": "x", "pad": "' + b"a" * 150_000)
+    await first.send(b'"}{"execute": "probe", "id": 1}')  # first's message ends: nothing held
+    assert "id" not in await first.line()  # the answer to "x"
+    assert (await first.line())["id"] == 1
+    await first.send(b'{"execute": "x", "pad": "' + b"a" * 150_000)  # held again
+    second = await connect(monitor)
+    await second.send(b'{"execute": "y", "pad": "' + b"b" * 150_000)  # over, together
+    with contextlib.suppress(ConnectionResetError):  # dropped with its input unread
+        assert await second.until_eof() == b""
+    while len(monitor.sessions) > 1:  # the client that went over is gone
+        await asyncio.sleep(0.01)
+    await first.send(b'"}{"execute": "still-served", "id": 2}')
+    assert "id" not in await first.line()
+    assert (await first.line())["id"] == 2
 
 
 async def test_close_answers_what_was_asked_then_ends_sessions(
