@@ -753,8 +753,13 @@ def options_given(argv: list[str]) -> list[str]:
 
 
 def option_lines() -> Iterator[str]:
-    """``--help``'s list of machine options, from the table."""
+    """``--help``'s list of options, from the table: those taken, then those refused."""
     for name, spec in sorted(OPTIONS.items()):
         if spec.handler is not None and spec.doc:
-            arg = " ARG" if spec.takes_value else ""
-            yield f"  {name}{arg:<4} {spec.doc}"
+            usage = f"{name} ARG" if spec.takes_value else name
+            yield f"  {usage:<22} {spec.doc}"
+    yield ""
+    yield "Refused, with the reason:"
+    for name, spec in sorted(OPTIONS.items()):
+        if spec.handler is None:
+            yield f"  {name:<22} {spec.doc}"
