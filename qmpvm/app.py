@@ -108,7 +108,14 @@ class ControlPlane:
 
 
 def _import_control_plane() -> None:
+    """Everything a command may need, loaded while clients are greeted: an import
+    later could fail for want of a descriptor (at the process's limit)."""
     import qmpvm.commands
+    import qmpvm.engine.caps_loader
+    import qmpvm.engine.host
+    import qmpvm.engine.link
+    import qmpvm.engine.machine
+    import qmpvm.qapi.check
     import qmpvm.store
     import qmpvm.vmm  # noqa: F401
 

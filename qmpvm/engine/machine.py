@@ -82,7 +82,10 @@ class EngineMachine:
         on_event: Callable[[dict[str, object]], None],
         on_exit: Callable[[EngineMachine, dict[str, object]], None],
     ) -> EngineMachine:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as err:  # e.g. out of descriptors: the client's error, not ours
+            raise EngineError(f"cannot start the engine: {err.strerror}") from err
         from qmpvm.engine.host import choose_accel  # looks at the host: only when needed
 
         accel = choose_accel(config.machine.accel)

@@ -299,6 +299,7 @@ class MonitorServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._listeners: list[tuple[socket.socket, Listener]] = []
         self._pending_input: dict[Session, int] = {}  # unfinished message bytes, per client
+        self._session_ended = asyncio.Event()
         self._accepting: list[asyncio.Task[None]] = []
         self._next_client = 1
 
@@ -359,19 +360,30 @@ class MonitorServer:
             task.add_done_callback(on_done)
 
     async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept for ever; out of descriptors, wait for a client to leave (or a
+        second, for descriptors freed otherwise), saying so once, not at every try."""
         loop = asyncio.get_running_loop()
+        failing = False
         while True:
             try:
                 sock, addr = await loop.sock_accept(listener)
             except OSError as err:
-                log.warning("accept failed: %s", err)
-                await asyncio.sleep(0.1)
+                if not failing:
+                    log.warning("accept failed: %s; waiting for descriptors to be freed", err)
+                failing = True
+                self._session_ended.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._session_ended.wait(), 1.0)
                 continue
+            if failing:
+                log.warning("accepting again")
+                failing = False
             self.adopt_connection(sock, str(addr) or "unix", greeted=False)
 
     def _session_done(self, session: Session, _task: asyncio.Task[None]) -> None:
         self.sessions.discard(session)
         self._pending_input.pop(session, None)
+        self._session_ended.set()
 
     def hold_input(self, session: Session, pending: int) -> bool:
         """Record what ``session`` holds of an unfinished message; False if all
