@@ -299,6 +299,7 @@ class MonitorServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._listeners: list[tuple[socket.socket, Listener]] = []
         self._pending_input: dict[Session, int] = {}  # unfinished message bytes, per client
+        self._pending_total = 0  # their sum, kept as they change (not summed at every read)
         self._session_ended = asyncio.Event()
         self._accepting: list[asyncio.Task[None]] = []
         self._next_client = 1
@@ -382,19 +383,18 @@ class MonitorServer:
 
     def _session_done(self, session: Session, _task: asyncio.Task[None]) -> None:
         self.sessions.discard(session)
-        self._pending_input.pop(session, None)
+        self._pending_total -= self._pending_input.pop(session, 0)
         self._session_ended.set()
 
     def hold_input(self, session: Session, pending: int) -> bool:
         """Record what ``session`` holds of an unfinished message; False if all
         clients together would then hold more than ``MAX_PENDING_INPUT``."""
+        self._pending_total += pending - self._pending_input.pop(session, 0)
         if pending:
             self._pending_input[session] = pending
-        else:
-            self._pending_input.pop(session, None)
-        if sum(self._pending_input.values()) <= MAX_PENDING_INPUT:
+        if self._pending_total <= MAX_PENDING_INPUT:
             return True
-        self._pending_input.pop(session, None)
+        self._pending_total -= self._pending_input.pop(session, 0)
         return False
 
     async def close(self, grace: float = 2.0) -> None:
