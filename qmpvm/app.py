@@ -82,7 +82,10 @@ class ControlPlane:
         state_dir = Path(options.state_dir) if options.state_dir else None
         vmm = Vmm(
             Store(state_dir),
-            EngineSettings(binary=options.engine),
+            EngineSettings(
+                binary=options.engine,
+                capabilities=options.capabilities,
+            ),
             hooks=REGISTRY.hooks,
             quit_requested=quit_requested,
         )

@@ -135,6 +135,8 @@ class Vmm:
         return self._schema
 
     async def _load_caps(self) -> Capabilities | None:
+        if self.settings.capabilities is not None:  # loaded once per process, not twice
+            return self.settings.capabilities
         from qmpvm.engine.caps_loader import ProbeError, load_or_probe
 
         try:

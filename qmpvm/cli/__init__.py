@@ -25,6 +25,7 @@ from qmpvm.cli.translate import (
 from qmpvm.monitor.early import Listener
 
 if TYPE_CHECKING:
+    from qmpvm.cli.typer import EngineTyper
     from qmpvm.monitor.early import EarlyMonitor
 
 __all__ = [
@@ -79,7 +80,7 @@ def parse_argv(argv: list[str], typer: Typer | None = None) -> Options:
     return translate(argv, typer)
 
 
-def engine_typer(binary: str) -> Typer | None:
+def engine_typer(binary: str) -> EngineTyper | None:
     """Types option text from the engine's cached schema; None without an engine."""
     import asyncio
 
@@ -121,13 +122,15 @@ def main(
         return 0
     typed = any(OPTIONS.get(option) in _TYPED for option in given)
     try:
-        options = parse_argv(argv, engine_typer(_engine_of(argv)) if typed else None)
+        typer = engine_typer(_engine_of(argv)) if typed else None
+        options = parse_argv(argv, typer)
     except UsageError as err:
         if early is not None:
             early.close()
         print(f"qmpvm: {err}", file=sys.stderr)
         return 1
     options.open_at_start = open_at_start
+    options.capabilities = typer.caps if typer is not None else None
     for warning in options.warnings:
         print(f"qmpvm: warning: {warning}", file=sys.stderr)
     if options.engine_help is not None:

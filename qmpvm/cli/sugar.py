@@ -49,8 +49,8 @@ def drive_id(
     max_devs = DRIVE_BUS_UNITS.get(interface, 0)
     if interface == default_if and default_units is not None:
         max_devs = default_units
-    index = _int(tree.get("index"), -1)
-    bus, unit = _int(tree.get("bus"), 0), _int(tree.get("unit"), -1)
+    index = integer(tree.get("index"), -1)
+    bus, unit = integer(tree.get("bus"), 0), integer(tree.get("unit"), -1)
     if index != -1:
         bus, unit = (index // max_devs, index % max_devs) if max_devs else (0, index)
     if unit == -1:
@@ -68,8 +68,9 @@ def drive_id(
     return f"{interface}{media}{unit}", bus, unit
 
 
-def _int(value: object, default: int) -> int:
-    if value is None:
+def integer(value: object, default: int | None = None) -> int:
+    """An option's number, as QEMU reads it (0x.. hex, 0.. octal); ``default`` if absent."""
+    if value is None and default is not None:
         return default
     try:
         return int(str(value), 0)

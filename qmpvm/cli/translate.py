@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 from qmpvm.config import chardev, kinds
 from qmpvm.config.descriptors import NETDEV_FD_MEMBERS, chardev_fd
@@ -36,6 +36,9 @@ from qmpvm.keyval import parse, split
 from qmpvm.monitor.early import Listener, parse_qmp_spec
 
 from . import sugar
+
+if TYPE_CHECKING:
+    from qmpvm.engine.caps import Capabilities
 
 
 class Start(StrEnum):
@@ -69,6 +72,7 @@ class Options:
     inherited_fds: list[InheritedFd] = field(default_factory=list)
     named_fds: list[NamedFd] = field(default_factory=list)
     open_at_start: frozenset[int] | None = None  # descriptors the process was given
+    capabilities: Capabilities | None = None  # the engine's, if typing the options loaded them
     start: Start = Start.RUN
     state_dir: str | None = None
     config_file: str | None = None
@@ -228,13 +232,13 @@ class Translator:
                                    ("slots", "memory-slots", None)):  # fmt: skip
             if key in tree:
                 text = str(tree.pop(key))
-                number = sugar.parse_size(text, unit) if unit is not None else _int(text)
+                number = sugar.parse_size(text, unit) if unit is not None else sugar.integer(text)
                 self.set(setting, number)
         if tree:
             self.fail(f"-m: unknown parameter '{next(iter(tree))}'")
 
     def smp(self, option: str, value: str) -> None:
-        tree = {k: _int(str(v)) for k, v in parse(value, "cpus").items()}
+        tree = {k: sugar.integer(v) for k, v in parse(value, "cpus").items()}
         if "cpus" in tree:
             self.set("cpus", tree.pop("cpus"))
         if tree:
@@ -451,8 +455,8 @@ class Translator:
         try:
             opaque = tree.get("opaque")
             inherited = InheritedFd(
-                fd=_int(str(tree["fd"])),
-                set=_int(str(tree["set"])),
+                fd=sugar.integer(tree["fd"]),
+                set=sugar.integer(tree["set"]),
                 opaque=None if opaque is None else str(opaque),
             )
             self.options.inherited_fds.append(inherited)
@@ -477,7 +481,7 @@ class Translator:
             setattr(self.options, field_name, value)
 
     def hotplug_ports(self, option: str, value: str) -> None:
-        self.set("hotplug-ports", _int(value))
+        self.set("hotplug-ports", sugar.integer(value))
 
     def engine_help(self, option: str, value: str) -> None:
         self.options.engine_help = [option, value] if value else [option]
@@ -581,13 +585,6 @@ def _monitor_listener(args: Mapping[str, object]) -> Listener:
 
 def _cmd(name: str, arguments: dict[str, object]) -> dict[str, object]:
     return {"execute": name, "arguments": arguments}
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise UsageError(f"invalid number '{text}'") from None
 
 
 _READCONFIG_OPTIONS = {

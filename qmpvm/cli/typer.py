@@ -23,11 +23,15 @@ if TYPE_CHECKING:
 
 class EngineTyper:
     def __init__(
-        self, schema: Callable[[], Schema], groups: Mapping[str, Mapping[str, str]]
+        self,
+        schema: Callable[[], Schema],
+        groups: Mapping[str, Mapping[str, str]],
+        caps: Capabilities | None = None,
     ) -> None:
         self._make_schema = schema
         self._schema: Schema | None = None
         self.groups = groups
+        self.caps = caps  # where both came from, for the rest of the process to reuse
 
     @classmethod
     def from_caps(cls, caps: Capabilities) -> EngineTyper:
@@ -36,7 +40,7 @@ class EngineTyper:
 
             return Schema(caps.schema_entries())
 
-        return cls(schema, caps.command_line_options)
+        return cls(schema, caps.command_line_options, caps)
 
     def command(self, command: str, tree: dict[str, object]) -> dict[str, object]:
         if self._schema is None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from qmpvm.commands.common import REGISTRY, change
 from qmpvm.config.boot import BootSet
-from qmpvm.config.machine import SETTINGS, declaration
+from qmpvm.config.machine import SETTINGS, as_object, declaration
 from qmpvm.errors import ConfigError
 from qmpvm.monitor.dispatch import BEFORE_INIT, ENGINE_ARGS, Call
 from qmpvm.vmm import Vmm
@@ -68,7 +68,7 @@ def check_with_engine(given: Mapping[str, object], caps: Capabilities, machine_t
     if isinstance(accel, str):
         for choice in accel.split(":"):
             check_accel(choice, caps.accelerators, alone=":" not in accel)
-    properties = _mapping(given.get("properties"))
+    properties = as_object(given.get("properties"))
     real_name = str(caps.machines.get(machine_type, {}).get("name", machine_type))
     known = caps.machine_properties.get(real_name) if properties else None
     legacy = caps.command_line_options.get("machine") or {}  # kernel_irqchip and the like
@@ -76,7 +76,7 @@ def check_with_engine(given: Mapping[str, object], caps: Capabilities, machine_t
         spellings = {name, name.replace("_", "-"), name.replace("-", "_")}
         if known is not None and not spellings & (set(known) | set(legacy)):
             raise ConfigError(f"Property '{real_name}-machine.{name}' not found")
-    model = _mapping(given.get("cpu")).get("model")
+    model = as_object(given.get("cpu")).get("model")
     known_models = (*caps.cpu_models, "host", "max", "base")
     if isinstance(model, str) and caps.cpu_models and model not in known_models:
         raise ConfigError(f"unable to find CPU model '{model}'")
@@ -86,7 +86,7 @@ def check_with_engine(given: Mapping[str, object], caps: Capabilities, machine_t
         if not params:
             continue
         for item in value if isinstance(value, list) else [value]:
-            for key in _mapping(item):
+            for key in as_object(item):
                 if key not in params and key != "id":  # QEMU's option parser takes ids
                     raise ConfigError(f"Invalid parameter '{key}' for '{name}'")
 
@@ -100,10 +100,6 @@ def check_accel(accel: str, built_in: Sequence[str] | None, *, alone: bool = Tru
         state = kvm_state()
         if not state.present:
             raise ConfigError(f"Accelerator 'kvm' is not available on this host: {state.reason}")
-
-
-def _mapping(value: object) -> dict[str, object]:
-    return dict(value) if isinstance(value, dict) else {}
 
 
 @REGISTRY.command("boot-set", args={"kernel": "str", "*initrd": "str", "*append": "str"})

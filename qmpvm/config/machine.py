@@ -10,7 +10,6 @@ the engine lists them; the engine checks the rest when it starts.
 
 from __future__ import annotations
 
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -174,7 +173,7 @@ class MachineConfig:
         for name, given in change.items():
             value = check_setting(name, given)
             if name == "action" and isinstance(value, dict):
-                value = {**dict(typing.cast(Mapping[str, object], values.get(name, {}))), **value}
+                value = {**as_object(values.get(name)), **value}
             values[name] = value
         return MachineConfig(values=MappingProxyType(values))
 
@@ -183,6 +182,11 @@ class MachineConfig:
         out = {name: s.default for name, s in SETTINGS.items() if s.default is not None}
         out.update(self.values)
         return out
+
+
+def as_object(value: object) -> dict[str, object]:
+    """An object-shaped setting (or a member of one) as a dict; {} when unset."""
+    return dict(value) if isinstance(value, dict) else {}
 
 
 def check_setting(name: str, value: object) -> object:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from qmpvm.config import chardev
 from qmpvm.config.descriptors import NETDEV_FD_MEMBERS, chardev_fd
 from qmpvm.config.kinds import KINDS
-from qmpvm.config.machine import SETTINGS, MachineConfig, MiB
+from qmpvm.config.machine import SETTINGS, MachineConfig, MiB, as_object
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind, Resource
 from qmpvm.errors import ConfigError
@@ -108,20 +108,20 @@ def machine_options(machine: MachineConfig, accel: str) -> list[str]:
     argv += ["-no-user-config", "-S"]
     if machine.get("display") is None:
         argv += ["-display", "none"]
-    properties = _mapping(machine.get("properties"))
+    properties = as_object(machine.get("properties"))
     argv += ["-machine", encode({"type": machine.type, **properties}, "type")]
-    accel_properties = _mapping(_mapping(machine.get("accel-properties")).get(accel))
+    accel_properties = as_object(as_object(machine.get("accel-properties")).get(accel))
     argv += ["-accel", encode({"accel": accel, **accel_properties}, "accel")]
     memory: dict[str, object] = {"size": f"{machine.memory // MiB}M"}
     for member, key in (("memory-slots", "slots"), ("maxmem", "maxmem")):
         if machine.get(member) is not None:
             memory[key] = machine.get(member)
     argv += ["-m", encode(memory)]
-    smp = _mapping(machine.get("smp"))
+    smp = as_object(machine.get("smp"))
     if "cpus" in machine.values or not smp:  # a topology alone: QEMU counts the cpus
         smp = {"cpus": machine.cpus, **smp}
     argv += ["-smp", encode(smp)]
-    name = _mapping(machine.get("name-options"))
+    name = as_object(machine.get("name-options"))
     if machine.name is not None:
         name = {"guest": machine.name, **name}
     if name:
@@ -133,7 +133,7 @@ def machine_options(machine: MachineConfig, accel: str) -> list[str]:
         if setting.shape == "bool":
             argv.append(setting.option)
         elif setting.shape == "object":
-            argv += [setting.option, encode(_mapping(value), setting.implied)]
+            argv += [setting.option, encode(as_object(value), setting.implied)]
         elif setting.shape in ("objects", "strs"):
             for item in value if isinstance(value, list) else ():
                 text = encode(item, setting.implied) if isinstance(item, dict) else str(item)
@@ -206,10 +206,6 @@ def chardev_option(args: Mapping[str, object]) -> str:
     """A stored chardev-add as QEMU 7.2's -chardev key=value string."""
     pairs = dict(chardev.to_legacy(args))
     return encode(pairs, "backend")
-
-
-def _mapping(value: object) -> dict[str, object]:
-    return dict(value) if isinstance(value, dict) else {}
 
 
 def _json(value: Mapping[str, object]) -> str:

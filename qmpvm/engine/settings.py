@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qmpvm.engine.caps import Capabilities
 
 
 @dataclass(slots=True, kw_only=True)
 class EngineSettings:
     binary: str = "qemu-system-x86_64"
     cache_dir: Path | None = None
+    capabilities: Capabilities | None = None  # already loaded (by the command line's typing)
