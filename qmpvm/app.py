@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qmpvm.errors import StoreError
 from qmpvm.monitor.client import Client
 from qmpvm.monitor.early import EarlyMonitor, Listener, greeting_line
 from qmpvm.monitor.protocol import Request
@@ -85,6 +86,7 @@ class ControlPlane:
             EngineSettings(
                 binary=options.engine,
                 capabilities=options.capabilities,
+                allow_host_programs=options.allow_host_programs,
             ),
             hooks=REGISTRY.hooks,
             quit_requested=quit_requested,
@@ -172,7 +174,12 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
     stop = asyncio.Event()  # a signal during start-up still stops cleanly
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
-    vmm = await plane.load(options, stop)
+    try:
+        vmm = await plane.load(options, stop)
+    except StoreError as err:
+        print(f"qmpvm: {err}", file=sys.stderr)
+        await server.close()
+        return 1
     store = vmm.store
     vmm.add_sink(server.broadcast)
     vmm.start_probe()

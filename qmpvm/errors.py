@@ -78,3 +78,7 @@ class EngineCommandError(EngineError):
 def error_reply(err: QmpvmError) -> dict[str, object]:
     """The QMP ``error`` member for ``err`` (the only such conversion)."""
     return {"class": str(err.error_class), "desc": err.desc}
+
+
+class StoreError(Exception):
+    """The state directory cannot be used: one line for stderr."""

@@ -3,7 +3,9 @@
 A descriptor belongs to the connection that passed it and is closed when
 that connection ends, unless the configuration refers to it by then (a tap
 netdev's ``fd``, a ``/dev/fdset/N`` filename): then it belongs to the
-machine and is closed when the referring item is deleted.  Descriptors do
+machine and is closed when the referring item is deleted.  A connection
+sees, replaces and closes only its own descriptors, plus (to see) those the
+configuration uses: another client's names and fdsets are not there for it.  Descriptors do
 not survive a restart of qmpvm; a stored item that names one asks for it
 again at machine-init.
 """
@@ -36,13 +38,17 @@ class FdRegistry:
         self.fdsets: dict[int, list[PassedFd]] = {}
 
     def getfd(self, name: str, fd: int, owner: int) -> None:
-        old = self.named.pop(name, None)
+        old = self.named.get(name)
+        if old is not None and old.owner != owner:
+            _close(fd)
+            raise ConfigError(f"File descriptor named '{name}' belongs to another connection")
         if old is not None:
             _close(old.fd)
         self.named[name] = PassedFd(fd=fd, owner=owner)
 
-    def closefd(self, name: str, in_use: Collection[str]) -> None:
-        if name not in self.named:
+    def closefd(self, name: str, in_use: Collection[str], owner: int) -> None:
+        entry = self.named.get(name)
+        if entry is None or entry.owner not in (owner, MACHINE):
             raise ConfigError(f"File descriptor named '{name}' not found")  # QEMU: GenericError
         if name in in_use:
             raise ConfigError(f"File descriptor named '{name}' is in use by the configuration")
@@ -51,32 +57,39 @@ class FdRegistry:
     def add_fd(self, fd: int, owner: int, fdset_id: int | None, opaque: str | None) -> int:
         if fdset_id is None:
             fdset_id = max(self.fdsets, default=-1) + 1
+        elif any(e.owner not in (owner, MACHINE) for e in self.fdsets.get(fdset_id, ())):
+            _close(fd)
+            raise ConfigError(f"fdset {fdset_id} belongs to another connection")
         self.fdsets.setdefault(fdset_id, []).append(PassedFd(fd=fd, owner=owner, opaque=opaque))
         return fdset_id
 
-    def remove_fd(self, fdset_id: int, fd: int | None, in_use: Collection[int]) -> None:
-        entries = self.fdsets.get(fdset_id)
-        if entries is None or (fd is not None and all(e.fd != fd for e in entries)):
+    def remove_fd(self, fdset_id: int, fd: int | None, in_use: Collection[int], owner: int) -> None:
+        entries = [e for e in self.fdsets.get(fdset_id, ()) if e.owner in (owner, MACHINE)]
+        if not entries or (fd is not None and all(e.fd != fd for e in entries)):
             what = f"fdset-id={fdset_id}" + (f", fd={fd}" if fd is not None else "")
             raise ConfigError(f"File descriptor named '{what}' not found")
         if fdset_id in in_use:
             raise ConfigError(f"fdset {fdset_id} is in use by the configuration")
         for entry in [e for e in entries if fd is None or e.fd == fd]:
-            entries.remove(entry)
+            self.fdsets[fdset_id].remove(entry)
             _close(entry.fd)
-        if not entries:
+        if not self.fdsets[fdset_id]:
             del self.fdsets[fdset_id]
 
-    def query_fdsets(self) -> list[dict[str, object]]:
+    def query_fdsets(self, owner: int, in_use: Collection[int]) -> list[dict[str, object]]:
+        """The fdsets ``owner`` passed, and those the configuration uses."""
         out: list[dict[str, object]] = []
         for fdset_id, entries in sorted(self.fdsets.items()):
             fds: list[dict[str, object]] = []
             for e in entries:
+                if e.owner not in (owner, MACHINE) and fdset_id not in in_use:
+                    continue
                 item: dict[str, object] = {"fd": e.fd}
                 if e.opaque is not None:
                     item["opaque"] = e.opaque
                 fds.append(item)
-            out.append({"fdset-id": fdset_id, "fds": fds})
+            if fds:
+                out.append({"fdset-id": fdset_id, "fds": fds})
         return out
 
     def release_owner(

@@ -9,9 +9,12 @@ with ``synchronous=FULL``, so a commit that returned is on disk and survives
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from collections.abc import Mapping
 from pathlib import Path
+
+from qmpvm.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -19,25 +22,52 @@ SCHEMA_VERSION = 1
 DB_NAME = "config.sqlite3"
 
 
+def _create_private(directory: Path, name: str) -> None:
+    """Make ``directory`` (0700) and ``name`` in it (0600) if they are not there:
+    the configuration names paths and secrets, whatever the umask says.  What
+    exists is left as it is until it has proved usable."""
+    if not directory.is_dir():
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o700)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        os.close(os.open(directory / name, flags, 0o600))
+    except FileExistsError:
+        if not os.access(directory / name, os.R_OK | os.W_OK):
+            raise PermissionError(f"{name} is not readable and writable") from None
+
+
 class Store:
     """Keeps the last committed documents; ``commit`` writes only the delta."""
 
     def __init__(self, state_dir: Path | None = None) -> None:
         self.path = state_dir / DB_NAME if state_dir is not None else None
-        if state_dir is not None:
-            state_dir.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path or ":memory:", isolation_level=None)
-        if self.path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS documents (key TEXT PRIMARY KEY, doc TEXT)")
-        self._db.execute(
-            "INSERT OR IGNORE INTO meta VALUES ('schema-version', ?)", (str(SCHEMA_VERSION),)
-        )
-        self._committed: dict[str, str] = dict(
-            self._db.execute("SELECT key, doc FROM documents").fetchall()
-        )
+        try:
+            if state_dir is not None:
+                _create_private(state_dir, DB_NAME)
+            self._db = sqlite3.connect(self.path or ":memory:", isolation_level=None)
+            if self.path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS documents (key TEXT PRIMARY KEY, doc TEXT)"
+            )
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema-version', ?)", (str(SCHEMA_VERSION),)
+            )
+            rows = self._db.execute("SELECT key, doc FROM documents").fetchall()
+            if self.path is not None:
+                self.path.chmod(0o600)  # SQLite gives its -wal and -shm files this mode
+        except (OSError, sqlite3.Error) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise StoreError(f"state directory {state_dir} cannot be used: {reason}") from err
+        self._committed: dict[str, str] = {}
+        for key, doc in rows:
+            if isinstance(key, str) and isinstance(doc, str):
+                self._committed[key] = doc
+            else:  # not written by qmpvm: left in the file, untouched
+                log.warning("stored row %r is not text; left aside", key)
 
     @property
     def documents(self) -> Mapping[str, str]:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from qmpvm.config import chardev, kinds
 from qmpvm.config.descriptors import NETDEV_FD_MEMBERS, chardev_fd
@@ -80,6 +80,8 @@ class Options:
     daemonize: bool = False
     ready_fd: int | None = None  # -daemonize: written to once the machine is ready
     print_qmp: bool = False
+    allow_host_programs: bool = False
+    allow_insecure_tcp: bool = False
     warnings: list[str] = field(default_factory=list)  # for stderr: what QEMU ignores too
     engine: str = "qemu-system-x86_64"
     engine_help: list[str] | None = None  # "-device help": the engine answers it
@@ -498,6 +500,9 @@ class Translator:
                 self.fail(f"-mon: chardev '{chardev_id}' not found")
             opts.listeners.append(_monitor_listener(found[0]))
             resources = [(k, a) for k, a in resources if a is not found[0]]
+        objects = {str(a.get("id")): a for k, a in resources if k is Kind.OBJECT}
+        for listener in opts.listeners:
+            self.secure(listener, objects)
         if self.settings or resources or self.boot:
             # the line describes a machine: what QEMU would build from it, its
             # defaults (default devices, the pc machine) included
@@ -513,6 +518,27 @@ class Translator:
         for kind, args in creation_order(resources):
             opts.commands.append(_cmd(kinds.KINDS[kind].add, self.name_fds(kind, args)))
         return opts
+
+    def secure(self, listener: Listener, objects: Mapping[str, Mapping[str, Any]]) -> None:
+        """TLS from the objects a TCP monitor names; other hosts only over TLS."""
+        where = f"monitor tcp:{listener.host}:{listener.port}"
+        if listener.tls_creds:
+            from qmpvm.monitor.tls import tls_server  # ssl costs 20 ms: only when asked
+
+            authz = objects.get(listener.tls_authz) if listener.tls_authz else None
+            if listener.tls_authz and authz is None:
+                self.fail(f"{where}: tls-authz '{listener.tls_authz}' is not a -object")
+            try:
+                listener.tls = tls_server(objects.get(listener.tls_creds), authz)
+            except ValueError as err:
+                self.fail(f"{where}: {err}")
+        elif listener.tls_authz:
+            self.fail(f"{where}: tls-authz needs tls-creds")
+        elif not listener.loopback and not self.options.allow_insecure_tcp:
+            self.fail(
+                f"{where} would give any host full control without TLS: add tls-creds=ID "
+                "(a -object tls-creds-x509), listen on 127.0.0.1, or pass --allow-insecure-tcp"
+            )
 
     def name_fds(self, kind: Kind, args: dict[str, object]) -> dict[str, object]:
         """Descriptor numbers given on the command line become getfd names of
@@ -580,7 +606,10 @@ def _monitor_listener(args: Mapping[str, object]) -> Listener:
         raise UsageError(f"-mon: chardev '{args.get('id')}': a client socket must be unix")
     if addr.get("type") == "unix":
         return Listener("unix", path=str(where["path"]))
-    return Listener("tcp", host=str(where.get("host") or "127.0.0.1"), port=int(where["port"]))
+    return Listener(  # no host: every address, as QEMU listens
+        "tcp", host=str(where.get("host") or "0.0.0.0"), port=int(where["port"]),
+        tls_creds=str(data.get("tls-creds") or ""), tls_authz=str(data.get("tls-authz") or ""),
+    )  # fmt: skip
 
 
 def _cmd(name: str, arguments: dict[str, object]) -> dict[str, object]:
@@ -600,7 +629,8 @@ _READCONFIG_OPTIONS = {
 _PROCESS_FIELDS = {
     "-state-dir": "state_dir", "-config": "config_file", "-engine": "engine",
     "-pidfile": "pidfile", "-daemonize": "daemonize", "-print-qmp": "print_qmp",
-    "-v": "verbosity", "-verbose": "verbosity",
+    "-v": "verbosity", "-verbose": "verbosity", "-allow-host-programs": "allow_host_programs",
+    "-allow-insecure-tcp": "allow_insecure_tcp",
 }  # fmt: skip
 _PROPERTY_FLAGS = {"-no-acpi": ("acpi", "off"), "-no-hpet": ("hpet", "off"), "-usb": ("usb", "on")}
 _DRIVE_SHORTHANDS: Mapping[str, tuple[str | None, int | None, str | None]] = {
@@ -637,7 +667,9 @@ OPTIONS: dict[str, Option] = {
         if s.option is not None
     },
     # the qmpvm process
-    "-qmp": Option(T.qmp, True, "unix:PATH,server=on,wait=off | tcp:HOST:PORT,... | repeatable"),
+    "-qmp": Option(
+        T.qmp, True, "unix:PATH,server=on,wait=off | tcp:HOST:PORT[,tls-creds=ID[,tls-authz=ID]]"
+    ),
     "-mon": Option(T.mon, True, "chardev=ID,mode=control: a QMP monitor on socket chardev ID"),
     "-monitor": Option(T.monitor, True, "none (HMP monitors are not offered)"),
     "-S": Option(T.start_mode, False, "create the machine, do not start it"),
@@ -648,6 +680,12 @@ OPTIONS: dict[str, Option] = {
     "-pidfile": Option(T.process, True, "FILE: write qmpvm's pid to FILE"),
     "-daemonize": Option(T.process, False, "detach once the monitor and machine are ready"),
     "-print-qmp": Option(T.process, False, "print the QMP commands of the options; exit"),
+    "-allow-insecure-tcp": Option(
+        T.process, False, "serve -qmp tcp: to other hosts without TLS (tls-creds=ID)"
+    ),
+    "-allow-host-programs": Option(
+        T.process, False, "let commands run host programs: exec: URIs, tap scripts, smbd"
+    ),
     "-v": Option(T.process, False, "log more (twice: wire traffic)"),
     "-verbose": Option(T.process, False, "log more"),
     "-hotplug-ports": Option(T.hotplug_ports, True, "N: q35 root ports for hot-plug"),

@@ -26,7 +26,7 @@ async def getfd(call: Call) -> object:
 @REGISTRY.command("closefd", args=ENGINE_ARGS)
 async def closefd(call: Call) -> object:
     names, _sets = call.vmm.fds_in_use()
-    call.vmm.fds.closefd(str(call.args["fdname"]), names)
+    call.vmm.fds.closefd(str(call.args["fdname"]), names, call.client.id)
     return {}
 
 
@@ -41,10 +41,11 @@ async def add_fd(call: Call) -> object:
 @REGISTRY.command("remove-fd", args=ENGINE_ARGS)
 async def remove_fd(call: Call) -> object:
     _names, sets = call.vmm.fds_in_use()
-    call.vmm.fds.remove_fd(int(call.args["fdset-id"]), call.args.get("fd"), sets)
+    call.vmm.fds.remove_fd(int(call.args["fdset-id"]), call.args.get("fd"), sets, call.client.id)
     return {}
 
 
 @REGISTRY.command("query-fdsets")
 async def query_fdsets(call: Call) -> object:
-    return call.vmm.fds.query_fdsets()
+    _names, sets = call.vmm.fds_in_use()
+    return call.vmm.fds.query_fdsets(call.client.id, sets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import typing
 from collections.abc import Mapping, Sequence
 
@@ -111,10 +112,33 @@ async def boot_set(call: Call) -> object:
 
 
 def check_boot_files(kernel: str | None, initrd: str | None) -> None:
-    """Missing boot files are refused when named, and again at machine-init."""
+    """Boot files are checked when named, and again at machine-init: each must
+    be a readable regular file (not a directory, a device, or empty)."""
     for member, path in (("kernel", kernel), ("initrd", initrd)):
-        if path and not os.path.isfile(path):
-            raise ConfigError(f"Parameter '{member}': could not open '{path}': no such file")
+        if path is None:
+            continue
+        problem = boot_file_problem(path)
+        if problem:
+            raise ConfigError(f"Parameter '{member}': '{path}' {problem}")
+
+
+def boot_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a kernel or initrd, in words; None if it can."""
+    if not path:
+        return "is empty: name a file"
+    try:  # non-blocking: a FIFO must not hang the monitor
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        return f"cannot be opened: {err.strerror}"
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file"
+    if info.st_size == 0:
+        return "is an empty file"
+    return None
 
 
 @REGISTRY.command("machine-init", phases=BEFORE_INIT, aliases=("x-exit-preconfig",))

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from qmpvm import QEMU_VERSION, __version__
 from qmpvm.commands.common import REGISTRY
-from qmpvm.errors import CommandNotFoundError
+from qmpvm.errors import CommandNotFoundError, EngineError
 from qmpvm.monitor.dispatch import ENGINE_ARGS, UNRECORDED, Call
 
 if TYPE_CHECKING:
@@ -28,7 +28,14 @@ def version() -> dict[str, object]:
 
 @REGISTRY.command("query-version")
 async def query_version(call: Call) -> object:
-    return version()
+    """The engine's version where its capabilities are known (the greeting,
+    sent before they load, says the version qmpvm was built for)."""
+    answer = version()
+    caps = await call.vmm.capabilities()
+    if caps is not None:
+        major, minor, micro = caps.version
+        answer["qemu"] = {"major": major, "minor": minor, "micro": micro}
+    return answer
 
 
 @REGISTRY.command("query-commands")
@@ -89,8 +96,14 @@ async def query_kvm(call: Call) -> object:
 @REGISTRY.command("query-status")
 async def query_status(call: Call) -> object:
     vmm = call.vmm
-    if vmm.machine is not None:
-        status = await vmm.forward("query-status", {})
+    machine = vmm.machine
+    if machine is not None:
+        try:
+            status = await machine.execute("query-status", {})
+        except EngineError:
+            if not await machine.ended():
+                raise
+            status = None  # it died meanwhile: the state it left is the answer
         if isinstance(status, dict):
             return {**status, "phase": str(vmm.phase)}
     return {"status": vmm.status, "running": False, "singlestep": False, "phase": str(vmm.phase)}

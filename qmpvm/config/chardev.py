@@ -13,6 +13,8 @@ false), a ``-chardev socket`` without ``server`` connects, and one with
 
 from __future__ import annotations
 
+import os
+import stat
 import typing
 from collections.abc import Iterator, Mapping
 
@@ -150,10 +152,26 @@ def check_writable(args: Mapping[str, object]) -> None:
         expected.setdefault("server", True)  # QMP's defaults, which to_legacy spells out
         if expected["server"]:
             expected.setdefault("wait", False)
+            if addr.get("type") == "unix":
+                _check_replaceable(typing.cast(Mapping[str, object], addr.get("data", {})))
     again = _from_legacy(dict(to_legacy(args)))["backend"]["data"]  # type: ignore[index]
     for member in sorted(set(expected) | set(again)):
         if expected.get(member) != again.get(member):
             raise ArgumentError(f"chardev {backend}: '{member}' has no -chardev form as given")
+
+
+def _check_replaceable(where: Mapping[str, object]) -> None:
+    """The engine unlinks whatever is at a listening socket's path: only a stale
+    socket may be there, never a file a client names by mistake or on purpose."""
+    path = where.get("path")
+    if not isinstance(path, str) or where.get("abstract"):
+        return
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ArgumentError(f"chardev socket path '{path}' exists and is not a socket")
 
 
 def _take(rest: dict[str, object], keys: tuple[tuple[str, str], ...]) -> dict[str, object]:

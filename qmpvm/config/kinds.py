@@ -10,6 +10,7 @@ kind at start-up, and whether it can be added to a running machine.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -93,6 +94,11 @@ BY_COMMAND: Mapping[str, KindSpec] = {
 }
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z", re.ASCII)
+"""QEMU's id_wellformed(): what its command line accepts as an id."""
+MAX_NODE_NAME = 31
+
+
 def make(kind: Kind, args: Mapping[str, object], seq: int) -> Resource:
     """The resource ``args`` create: named, with its references found."""
     spec = KINDS[kind]
@@ -103,6 +109,14 @@ def make(kind: Kind, args: Mapping[str, object], seq: int) -> Resource:
         raise ArgumentError(f"Parameter '{spec.key}' is missing")
     if not key:
         raise ArgumentError(f"Parameter '{spec.key}' must not be empty")
+    given = key == args.get(spec.key)  # not a name qmpvm made up
+    if given and not _IDENTIFIER.match(key):  # the engine's command line takes no other
+        raise ArgumentError(
+            f"Parameter '{spec.key}' expects an identifier: letters, digits, '-', '.', '_', "
+            f"starting with a letter"
+        )
+    if kind is Kind.BLOCK and len(key) > MAX_NODE_NAME:
+        raise ArgumentError(f"Node name too long: more than {MAX_NODE_NAME} characters")
     refs = tuple(dict.fromkeys(references(kind, args)))
     return Resource(kind=kind, key=key, args=dict(args), refs=refs, seq=seq)
 

@@ -163,33 +163,51 @@ class Config:
                     config = config.set_machine(value)
                 elif value.get("kernel"):
                     config = config.set_boot(BootSet(**value))
-            except (QmpvmError, ValueError, TypeError, AttributeError) as err:
+            except _UNLOADABLE as err:
                 log.warning("stored %s does not load (%s); set aside", key, _why(err))
                 aside[key + ".set-aside"] = docs[key]
         stored = []
         for key, text in docs.items():
             kind_name, _, name = key.partition("/")
+            if key in _SETTINGS_ROWS:
+                continue
             if not name or kind_name not in Kind.__members__.values():
+                log.warning("stored %s is of no kind qmpvm knows; set aside", key)
+                aside[key] = text  # kept: a newer qmpvm may have written it
                 continue
             try:
                 doc = json.loads(text)
                 stored.append((int(doc["seq"]), Kind(kind_name), doc["args"], key))
-            except (ValueError, TypeError, KeyError) as err:
+            except _UNLOADABLE as err:
                 log.warning("stored %s does not load (%s); set aside", key, _why(err))
                 aside[key] = text
         for seq, kind, args, key in sorted(stored, key=lambda item: item[0]):
             try:
                 resource = kinds.make(kind, args, seq)
                 config = dataclasses.replace(config, next_seq=seq).add(resource)
-            except (QmpvmError, AttributeError, TypeError) as err:
+            except _UNLOADABLE as err:
                 log.warning("stored %s does not load (%s); set aside", key, _why(err))
                 aside[key] = docs[key]
         try:
             links = {str(k): bool(v) for k, v in json.loads(docs.get("links", "{}")).items()}
             next_seq = max(int(json.loads(docs.get("next-seq", "1"))), config.next_seq)
-        except (ValueError, TypeError, AttributeError):
+        except _UNLOADABLE:
             links, next_seq = {}, config.next_seq
         return dataclasses.replace(config, links=links, next_seq=next_seq, set_aside=aside)
+
+
+_SETTINGS_ROWS = frozenset({"machine", "boot", "links", "next-seq"})
+_UNLOADABLE = (
+    QmpvmError,
+    ValueError,
+    TypeError,
+    KeyError,
+    AttributeError,
+    OverflowError,
+    RecursionError,
+)
+"""What a stored row that does not load raises: 1e999 where a number goes,
+nesting deeper than the decoder recurses, a field of the wrong type..."""
 
 
 def _why(err: Exception) -> str:

@@ -33,16 +33,20 @@ def default_accel() -> str:
     return "kvm" if kvm_state().usable else "tcg"
 
 
-def choose_accel(spec: str | None) -> str:
+def choose_accel(spec: str | None, *, runs_guest_code: bool = True) -> str:
     """The accelerator for ``spec``: one name, a ``kvm:tcg`` fallback list, or None.
 
-    In a list, ``kvm`` is taken only where it is usable (hardware-backed):
-    the list says "the best this host has", and emulated KVM is not that.
+    In a list, ``kvm`` is taken where it is usable (hardware-backed): the list
+    says "the best this host has", and emulated KVM is not that.  A machine
+    that runs no guest code (``-machine none``, a management tool's probe)
+    takes it wherever it is present, as QEMU does: libvirt probes with
+    ``accel=kvm:tcg`` and trusts its capability cache only if KVM was enabled.
     """
     if not spec:
         return default_accel()
     choices = spec.split(":")
     for choice in choices[:-1]:
-        if choice != "kvm" or kvm_state().usable:
+        state = kvm_state()
+        if choice != "kvm" or state.usable or (state.present and not runs_guest_code):
             return choice
     return choices[-1]

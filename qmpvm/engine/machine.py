@@ -88,7 +88,7 @@ class EngineMachine:
             raise EngineError(f"cannot start the engine: {err.strerror}") from err
         from qmpvm.engine.host import choose_accel  # looks at the host: only when needed
 
-        accel = choose_accel(config.machine.accel)
+        accel = choose_accel(config.machine.accel, runs_guest_code=config.machine.type != "none")
         try:
             plan = build_launch(
                 config,
@@ -168,6 +168,16 @@ class EngineMachine:
                 f"The engine did not answer '{name}' in {QUERY_TIMEOUT:g} s "
                 f"(pid {self.pid}: stopped or stuck?)"
             ) from None
+
+    async def ended(self) -> bool:
+        """Whether the engine has exited and been reported, waiting up to
+        ``QUERY_TIMEOUT`` for that: a link that closed mid-command is an
+        engine on its way out, and its exit report follows shortly."""
+        if self._supervisor is None or not self.link.closed:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._supervisor), QUERY_TIMEOUT)
+        return self._supervisor.done()
 
     async def stop(self) -> None:
         """Ask the engine to quit; kill it if it does not."""

@@ -15,3 +15,4 @@ class EngineSettings:
     binary: str = "qemu-system-x86_64"
     cache_dir: Path | None = None
     capabilities: Capabilities | None = None  # already loaded (by the command line's typing)
+    allow_host_programs: bool = False  # exec: URIs, tap scripts, ... (qmpvm.config.programs)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+from qmpvm.config.programs import programs
 from qmpvm.errors import CommandNotFoundError, ErrorClass, PhaseError, QmpvmError, error_reply
 from qmpvm.monitor.protocol import Request
 
@@ -194,6 +195,7 @@ class Dispatcher:
         if phase not in spec.phases:
             raise PhaseError(phase_refusal(spec.name, phase))
         args: Any = await self._checked(spec, request.arguments)
+        self._refuse_host_programs(request.name, args)
         return await spec.handler(Call(vmm=self.vmm, client=client, args=args, name=request.name))
 
     async def _checked(self, spec: CommandSpec, arguments: Mapping[str, object]) -> Any:
@@ -231,4 +233,16 @@ class Dispatcher:
             )
         if self.vmm.machine is None:
             raise PhaseError(phase_refusal(name, Phase.NO_MACHINE))
-        return await self.vmm.forward(name, schema.check_command(name, dict(arguments)))
+        args = schema.check_command(name, dict(arguments))
+        self._refuse_host_programs(name, args)
+        return await self.vmm.forward(name, args)
+
+    def _refuse_host_programs(self, name: str, args: Mapping[str, Any]) -> None:
+        if self.vmm.settings.allow_host_programs:
+            return
+        found = programs(name, args)
+        if found:
+            raise QmpvmError(
+                f"'{name}' would have the engine run {found[0]} on the host; qmpvm runs "
+                "host programs only when started with --allow-host-programs"
+            )

@@ -31,9 +31,10 @@ if TYPE_CHECKING:
 BACKLOG = 128
 
 _NO_EARLY_MONITOR = frozenset({"-h", "-help", "-version", "-print-qmp", "-daemonize"})
+_PROCESS_FLAGS = frozenset({"-allow-host-programs", "-allow-insecure-tcp"})
 """Options after which nothing is served early: qmpvm exits, or forks first."""
 
-FLAGS = _NO_EARLY_MONITOR | {
+FLAGS = _NO_EARLY_MONITOR | _PROCESS_FLAGS | {
     "-S", "-preconfig", "-v", "-verbose", "-nographic", "-enable-kvm", "-nodefaults",
     "-no-user-config", "-no-shutdown", "-no-reboot", "-no-acpi", "-no-hpet", "-usb",
     "-snapshot", "-mem-prealloc", "-s", "-audio-help", "-only-migratable", "-singlestep",
@@ -46,12 +47,32 @@ FLAGS = _NO_EARLY_MONITOR | {
 class Listener:
     """Where one monitor is served: a UNIX path or a TCP host and port to listen
     on, an inherited socket (kind ``fd``, its number in ``path``: listening, or
-    one connection), or a UNIX path to dial (kind ``connect``)."""
+    one connection), or a UNIX path to dial (kind ``connect``).  A TCP monitor
+    may name QEMU's TLS objects (``tls-creds``, ``tls-authz`` ids); ``tls``
+    then holds what they say (``qmpvm.monitor.tls.TlsServer``)."""
 
-    __slots__ = ("host", "kind", "path", "port")
+    __slots__ = ("host", "kind", "path", "port", "tls", "tls_authz", "tls_creds")
 
-    def __init__(self, kind: str, path: str = "", host: str = "", port: int = 0) -> None:
+    def __init__(
+        self,
+        kind: str,
+        *,
+        path: str = "",
+        host: str = "",
+        port: int = 0,
+        tls_creds: str = "",
+        tls_authz: str = "",
+    ) -> None:
         self.kind, self.path, self.host, self.port = kind, path, host, port
+        self.tls_creds, self.tls_authz = tls_creds, tls_authz
+        self.tls: object = None
+
+    @property
+    def loopback(self) -> bool:
+        """Only this host can connect (a UNIX socket, or TCP on a loopback address)."""
+        if self.kind != "tcp":
+            return True
+        return self.host in {"localhost", "::1"} or self.host.startswith("127.")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Listener) and self._key() == other._key()
@@ -63,21 +84,24 @@ class Listener:
         where = f"{self.host}:{self.port}" if self.kind == "tcp" else self.path
         return f"Listener({self.kind}:{where})"
 
-    def _key(self) -> tuple[str, str, str, int]:
-        return (self.kind, self.path, self.host, self.port)
+    def _key(self) -> tuple[str, str, str, int, str, str]:
+        return (self.kind, self.path, self.host, self.port, self.tls_creds, self.tls_authz)
 
 
 def parse_qmp_spec(spec: str) -> Listener:
     """``unix:PATH[,server=on][,wait=off]`` or ``tcp:HOST:PORT[,...]``; ValueError says why."""
     kind, _, rest = spec.partition(":")
     where, *params = rest.split(",")
+    tls = {"tls-creds": "", "tls-authz": ""}
     for param in params:
         key, _, value = param.partition("=")
         if key == "server" and value not in ("on", ""):
             raise ValueError(f"-qmp {spec}: only server=on is supported")
         if key == "wait" and value in ("on", "yes", "true"):
             raise ValueError(f"-qmp {spec}: qmpvm serves at once and never waits; use wait=off")
-        if key not in ("server", "wait", "nowait"):
+        if key in tls and kind == "tcp" and value:
+            tls[key] = value
+        elif key not in ("server", "wait", "nowait"):
             raise ValueError(f"-qmp {spec}: unknown parameter '{key}'")
     if kind == "unix" and where:
         return Listener("unix", path=where)
@@ -85,7 +109,10 @@ def parse_qmp_spec(spec: str) -> Listener:
         host, _, port = where.rpartition(":")
         if not port.isdigit():
             raise ValueError(f"-qmp {spec}: expected tcp:HOST:PORT")
-        return Listener("tcp", host=host or "127.0.0.1", port=int(port))
+        return Listener(  # no host: every address, as QEMU listens
+            "tcp", host=host.strip("[]") or "0.0.0.0", port=int(port),
+            tls_creds=tls["tls-creds"], tls_authz=tls["tls-authz"],
+        )  # fmt: skip
     raise ValueError(f"-qmp {spec}: expected unix:PATH or tcp:HOST:PORT")
 
 
@@ -111,9 +138,12 @@ def scan_listeners(argv: list[str]) -> list[Listener]:
             return []
         if option == "-qmp":
             try:
-                listeners.append(parse_qmp_spec(value))
+                listener = parse_qmp_spec(value)
             except ValueError:
                 return []
+            if listener.tls_creds or not listener.loopback:
+                return []  # TLS and the policy for other hosts are cli's to apply
+            listeners.append(listener)
     return listeners
 
 

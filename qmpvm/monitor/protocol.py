@@ -29,11 +29,15 @@ from dataclasses import dataclass
 
 from qmpvm.errors import ErrorClass
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_MESSAGE_BYTES = 1024 * 1024
+"""Far above any real command, and low enough that decoding the largest
+message keeps the event loop (every other client) waiting a few ms at most."""
 MAX_NESTING = 1024
-MAX_TOKENS = 2 * 1024 * 1024
-"""QEMU's limit too (json-streamer.c): a message of millions of tiny values
-would cost seconds and hundreds of MiB to decode; it is refused unread."""
+MAX_TOKENS = 128 * 1024
+"""QEMU counts tokens too (json-streamer.c): a message of many tiny values
+costs far more to decode than its bytes suggest; it is refused unread."""
+MAX_MEMBERS = 4096
+"""Members of one JSON object; no QMP command's arguments come near it."""
 
 # Bytes that are invalid anywhere in JSON; like QEMU's lexer, one of them
 # abandons the value in progress, so a client can resynchronize (0xFF, per
@@ -225,7 +229,40 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"invalid literal {name}")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object, refused as QEMU refuses it if a key repeats (the last
+    value silently winning would run a command the client did not see)."""
+    if len(pairs) > MAX_MEMBERS:
+        raise ValueError(f"more than {MAX_MEMBERS} members in an object")
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise ValueError("duplicate key")
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: object) -> str | None:
+    """A UTF-16 half in any string of ``value`` (a pair decodes to one character,
+    so any left is alone): JSON grammar allows it, but it is no Unicode text."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = _LONE_SURROGATE.search(item)
+            if found:
+                return found.group()
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_object)
 _TEXT_NON_SPACE = re.compile(r"[^ \t\r\n]")
 
 
@@ -245,6 +282,8 @@ def leading_objects(data: bytes, max_bytes: int) -> tuple[list[object], int]:
     if not data.isascii():
         return [], 0
     text = data.decode("ascii")
+    if _SURROGATE_ESCAPE.search(text):
+        return [], 0  # for decode_value to check
     values: list[object] = []
     pos = _skip_space(text, 0)
     while text.startswith("{", pos):
@@ -269,9 +308,16 @@ def decode_value(raw: bytes) -> object:
     if "'" in text:
         text = _STRING_TOKEN.sub(_requote, text)
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        value = _DECODER.decode(text)
     except (ValueError, RecursionError) as err:
         return ParseFailure(desc=f"JSON parse error, {err}")
+    if _SURROGATE_ESCAPE.search(text):
+        lone = _lone_surrogate(value)
+        if lone is not None:
+            return ParseFailure(
+                desc=f"JSON parse error, \\u{ord(lone):04x} is not a valid Unicode character"
+            )
+    return value
 
 
 def _plain(value: object) -> object:

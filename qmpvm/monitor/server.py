@@ -26,17 +26,24 @@ import contextlib
 import functools
 import logging
 import socket
+import typing
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from qmpvm.monitor.client import Client
 from qmpvm.monitor.early import Listener, bind, unbind
 from qmpvm.monitor.protocol import Reply, Request, ServerConnection, encode
 
+if TYPE_CHECKING:
+    from qmpvm.monitor.tls import TlsServer
+
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
+PARSE_SLICE = 4096
+"""Input is parsed this much at a time, the loop running other clients in
+between: a read of 64 KiB of brackets costs tens of ms to split in Python."""
 READ_AHEAD = 4
 """Reads kept before they are handled; then reading pauses until one is."""
 MAX_FDS_PER_MESSAGE = 16
@@ -46,9 +53,16 @@ MAX_OUTPUT_BYTES = 4 << 20
 """...and their bytes: past either, a reply waits and an event drops the client.
 A single reply may exceed it (it is written once the backlog is empty), so a
 client holds at most this plus one message."""
-MAX_PENDING_INPUT = 64 << 20
+MAX_PENDING_INPUT = 8 << 20
 """Bytes of unfinished messages held for all clients together: past it, the
-client whose read went over is dropped (each may hold up to 16 MiB alone)."""
+client whose read went over is dropped (each may hold up to 1 MiB alone)."""
+MAX_OUTPUT_TOTAL = 16 << 20
+"""Output backlog bytes of all clients together: past it, the client with the
+largest backlog (the one reading least) is dropped."""
+MAX_INBOX_TOTAL = 4 << 20
+"""Bytes read and not yet handled, all clients together: past it, reading
+pauses (for every client) until the sessions catch up."""
+TLS_HANDSHAKE_SECONDS = 10.0
 FLUSH_SECONDS = 1.0
 """How long a closing session waits for its client to read what is left."""
 _FD_ANCILLARY = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
@@ -96,7 +110,7 @@ class Session:
         try:
             if not self._greeted:
                 self._write(self.server.greeting)
-            self._resume_reading()
+            self.resume_reading()
             await self._serve()
             await self._flush()
         finally:
@@ -111,29 +125,41 @@ class Session:
             if self._closing:
                 return
             data, fds = self._inbox.popleft()
-            self._resume_reading()
+            self.server.inbox_handled(len(data))
+            self.resume_reading()
             if fds:
                 self.client.receive_fds(fds)
             if not data:
                 return
-            for item in self.protocol.receive_data(data):
-                if self._closing:
+            for start in range(0, len(data), PARSE_SLICE):
+                if start:
+                    await asyncio.sleep(0)  # let other clients run between slices
+                if not await self._handle(data[start : start + PARSE_SLICE]):
                     return
-                if isinstance(item, Reply):
-                    await self._send(item.message)
-                    continue
-                self.log.debug("--> %s", item)
-                reply = await self.server.backend.dispatch(item, self.client)
-                try:
-                    await self._send(reply)
-                except (TypeError, ValueError):
-                    self.log.exception("reply to %s is not JSON", item.name)
-                    await self._send(item.fail("GenericError", f"internal error in '{item.name}'"))
-            if not self.server.hold_input(self, self.protocol.pending):
-                self.log.warning(
-                    "dropped: unfinished input of all clients over %d bytes", MAX_PENDING_INPUT
-                )
-                return
+
+    async def _handle(self, data: bytes) -> bool:
+        """Run what ``data`` completes; False once the session must end."""
+        for item in self.protocol.receive_data(data):
+            if self._closing:
+                return False
+            if isinstance(item, Reply):
+                await self._send(item.message)
+                continue
+            self.log.debug("--> %s", item)
+            reply = await self.server.backend.dispatch(item, self.client)
+            try:
+                await self._send(reply)
+            except (TypeError, ValueError):
+                self.log.exception("reply to %s is not JSON", item.name)
+                await self._send(item.fail("GenericError", f"internal error in '{item.name}'"))
+        if not self.server.hold_input(self, self.protocol.pending):
+            self.server.warn_once(
+                "input",
+                "dropped a client: unfinished input of all clients over %d bytes",
+                MAX_PENDING_INPUT,
+            )
+            return False
+        return True
 
     async def _send(self, message: dict[str, object]) -> None:
         self.log.debug("<-- %s", message)
@@ -149,14 +175,8 @@ class Session:
         if self._closing or not self.protocol.wants_events:
             return
         if self._backlog_full():
-            self.log.warning(
-                "dropped: output backlog full (%d messages, %d bytes); client is not reading",
-                len(self._output),
-                self._output_bytes,
-            )
-            self._shut_down()
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
+            self.log.info("backlog: %d messages, %d bytes", len(self._output), self._output_bytes)
+            self.drop("it is not reading: its output backlog is full")
             return
         self._write(data)
 
@@ -175,10 +195,13 @@ class Session:
 
     # -- input --
 
-    def _resume_reading(self) -> None:
-        if not (self._reading or self._eof or self._closing) and len(self._inbox) < READ_AHEAD:
-            self._loop.add_reader(self._fd, self._on_readable)
-            self._reading = True
+    def resume_reading(self) -> None:
+        if self._reading or self._eof or self._closing or len(self._inbox) >= READ_AHEAD:
+            return
+        if self.server.inbox_full(self):
+            return  # the server resumes it when there is room
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._reading = True
 
     def _pause_reading(self) -> None:
         if self._reading:
@@ -194,9 +217,10 @@ class Session:
             self.log.info("connection error: %s", err)
             data, fds = b"", []
         self._inbox.append((data, fds))
+        self.server.inbox_read(len(data))
         if not data:
             self._eof = True
-        if self._eof or len(self._inbox) >= READ_AHEAD:
+        if self._eof or len(self._inbox) >= READ_AHEAD or self.server.inbox_full(self):
             self._pause_reading()
         self._wake()
 
@@ -228,7 +252,7 @@ class Session:
             return
         if self._output:
             self._output.append(data)
-            self._output_bytes += len(data)
+            self._held(len(data))
             return
         try:
             sent = self.sock.send(data)
@@ -239,8 +263,24 @@ class Session:
             return
         if sent < len(data):
             self._output.append(memoryview(data)[sent:])
-            self._output_bytes += len(data) - sent
             self._loop.add_writer(self._fd, self._on_writable)
+            self._held(len(data) - sent)
+
+    def _held(self, delta: int) -> None:
+        """Account for backlog bytes, here and in the server's total."""
+        self._output_bytes += delta
+        self.server.output_held(self, delta)
+
+    @property
+    def output_bytes(self) -> int:
+        return self._output_bytes
+
+    def drop(self, reason: str) -> None:
+        """End the session now, without flushing: ``reason`` is logged once."""
+        self.server.warn_once(reason, "dropped a client: %s", reason)
+        self._shut_down()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def _on_writable(self) -> None:
         while self._output:
@@ -252,7 +292,7 @@ class Session:
             except OSError as err:
                 self._lost(err)
                 return
-            self._output_bytes -= sent
+            self._held(-sent)
             if sent < len(head):
                 self._output[0] = memoryview(head)[sent:]
                 break
@@ -278,15 +318,16 @@ class Session:
         """Stop all I/O now; the task notices and ends the session."""
         self._closing = True
         self._output.clear()
-        self._output_bytes = 0
+        self._held(-self._output_bytes)
         self._loop.remove_writer(self._fd)
         self._pause_reading()
         self._wake()
 
     def _close(self) -> None:
         self._shut_down()
-        for _data, fds in self._inbox:  # descriptors read but never handled
+        for data, fds in self._inbox:  # descriptors read but never handled
             self.client.receive_fds(fds)
+            self.server.inbox_handled(len(data))
         self._inbox.clear()
         self.sock.close()
 
@@ -301,6 +342,10 @@ class MonitorServer:
         self._pending_input: dict[Session, int] = {}  # unfinished message bytes, per client
         self._pending_total = 0  # their sum, kept as they change (not summed at every read)
         self._session_ended = asyncio.Event()
+        self._output_total = 0  # backlog bytes of all sessions
+        self._inbox_total = 0  # bytes read and not yet handled, all sessions
+        self._starved: set[Session] = set()  # waiting for room in the inbox total
+        self._warned: set[str] = set()
         self._accepting: list[asyncio.Task[None]] = []
         self._next_client = 1
 
@@ -339,7 +384,8 @@ class MonitorServer:
         """Serve a socket already listening (bound by ``EarlyMonitor``)."""
         sock.setblocking(False)
         self._listeners.append((sock, listener))
-        self._accepting.append(asyncio.get_running_loop().create_task(self._accept_loop(sock)))
+        serve = self._accept_loop(sock) if listener.tls is None else self._serve_tls(sock, listener)
+        self._accepting.append(asyncio.get_running_loop().create_task(serve))
 
     def adopt_connection(self, sock: socket.socket, peer: str, *, greeted: bool) -> None:
         sock.setblocking(False)
@@ -381,10 +427,91 @@ class MonitorServer:
                 failing = False
             self.adopt_connection(sock, str(addr) or "unix", greeted=False)
 
+    async def _serve_tls(self, sock: socket.socket, listener: Listener) -> None:
+        """A TLS monitor: each connection, once its handshake and ``tls-authz``
+        pass, is relayed in clear over a socket pair to an ordinary session."""
+        from qmpvm.monitor.tls import TlsServer  # ssl: only for a TLS monitor
+
+        tls = typing.cast(TlsServer, listener.tls)
+        server = await asyncio.start_server(
+            functools.partial(self._tls_client, tls),
+            sock=sock,
+            ssl=tls.context(),
+            ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS,
+        )
+        async with server:
+            await server.serve_forever()
+
+    async def _tls_client(
+        self, tls: TlsServer, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        peer = str(writer.get_extra_info("peername"))
+        refusal = tls.refusal(writer.get_extra_info("peercert"))
+        if refusal is not None:
+            self.warn_once("tls-authz", "refused a TLS client from %s: %s", peer, refusal)
+            writer.close()
+            return
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        self.adopt_connection(theirs, f"tls {peer}", greeted=False)
+        loop = asyncio.get_running_loop()
+
+        async def inward() -> None:
+            try:
+                while data := await reader.read(READ_SIZE):
+                    await loop.sock_sendall(ours, data)
+            finally:  # the client is done (or gone): the session ends as on EOF
+                with contextlib.suppress(OSError):
+                    ours.shutdown(socket.SHUT_WR)
+
+        inward_task = asyncio.ensure_future(inward())
+        try:  # until the session ends, which every way out of inward() brings about
+            while data := await loop.sock_recv(ours, READ_SIZE):
+                writer.write(data)
+                await writer.drain()
+        except OSError as err:
+            log.info("TLS client %s: %s", peer, err)
+        finally:
+            inward_task.cancel()
+            await asyncio.gather(inward_task, return_exceptions=True)
+            ours.close()
+            writer.close()
+
     def _session_done(self, session: Session, _task: asyncio.Task[None]) -> None:
         self.sessions.discard(session)
+        self._starved.discard(session)
         self._pending_total -= self._pending_input.pop(session, 0)
         self._session_ended.set()
+
+    def warn_once(self, key: str, message: str, *args: object) -> None:
+        """Log a warning the first time ``key`` happens; later ones at debug
+        level, so a hostile client cannot flood the log."""
+        level = logging.DEBUG if key in self._warned else logging.WARNING
+        self._warned.add(key)
+        log.log(level, message, *args)
+
+    def output_held(self, session: Session, delta: int) -> None:
+        self._output_total += delta
+        if delta > 0 and self._output_total > MAX_OUTPUT_TOTAL:
+            largest = max(self.sessions, key=lambda s: s.output_bytes, default=session)
+            largest.drop(f"output backlogs of all clients over {MAX_OUTPUT_TOTAL} bytes")
+
+    def inbox_read(self, size: int) -> None:
+        self._inbox_total += size
+
+    def inbox_full(self, session: Session) -> bool:
+        """Whether reading must wait; ``session`` is resumed when there is room."""
+        if self._inbox_total < MAX_INBOX_TOTAL:
+            return False
+        self._starved.add(session)
+        return True
+
+    def inbox_handled(self, size: int) -> None:
+        self._inbox_total -= size
+        if self._starved and self._inbox_total < MAX_INBOX_TOTAL:
+            starved, self._starved = self._starved, set()
+            for waiting in starved:
+                waiting.resume_reading()
 
     def hold_input(self, session: Session, pending: int) -> bool:
         """Record what ``session`` holds of an unfinished message; False if all
@@ -398,11 +525,12 @@ class MonitorServer:
         return False
 
     async def close(self, grace: float = 2.0) -> None:
+        for task in self._accepting:
+            task.cancel()
+        await asyncio.gather(*self._accepting, return_exceptions=True)
         for sock, listener in self._listeners:
             unbind(sock, listener)
         self._listeners.clear()
-        for task in self._accepting:
-            task.cancel()
         tasks = list(self._tasks)
         for session in list(self.sessions):
             with contextlib.suppress(OSError):

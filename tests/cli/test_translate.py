@@ -242,6 +242,7 @@ SAMPLES: dict[str, str | None] = {
     "-monitor": None,  # only 'none', which asks for nothing
     "-S": None, "-preconfig": None, "-print-qmp": None, "-v": None, "-verbose": None,
     "-daemonize": None, "-nodefaults": None, "-no-user-config": None,
+    "-allow-host-programs": None, "-allow-insecure-tcp": None,
     "-state-dir": "/tmp/MARK", "-config": "/tmp/MARK", "-engine": "/tmp/MARK",
     "-pidfile": "/tmp/MARK", "-hotplug-ports": "17", "-add-fd": "fd=17,set=3",
     "-M": "pc,MARK=on", "-machine": "pc,MARK=on", "-accel": "tcg,MARK=1",

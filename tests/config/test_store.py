@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from pathlib import Path
 
 from qmpvm.config.model import Config
@@ -26,3 +28,19 @@ def test_memory_store_without_state_dir() -> None:
     store.commit({"a": "1"})
     store.commit({"b": "2"})
     assert dict(store.documents) == {"b": "2"}
+
+
+def test_state_is_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The configuration names paths and secrets: 0700 and 0600, even under umask 000."""
+    old = os.umask(0)
+    try:
+        store = Store(tmp_path / "new" / "state")
+        store.commit({"machine": "{}"})
+    finally:
+        os.umask(old)
+    state = tmp_path / "new" / "state"
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()}
+    assert modes["config.sqlite3"] == 0o600
+    assert set(modes.values()) == {0o600}, modes  # -wal and -shm too
+    store.close()

@@ -89,8 +89,24 @@ async def test_boot_to_ready_marker_on_a_ringbuf_serial(tmp_path: Path, guest: G
     assert (await client.execute("query-status"))["status"] == "running"
     hmp = "human-monitor-command"
     assert "running" in await client.execute(hmp, {"command-line": "info status"})
-    with pytest.raises(ExecuteError, match="HMP command 'device_del' would change"):
+    with pytest.raises(ExecuteError, match="HMP command 'device_del' is not relayed"):
         await client.execute(hmp, {"command-line": "device_del serial0"})
+    # issue 7: QEMU ends a name at "/"; configuration and host programs stay out
+    marker = tmp_path / "exec-ran"
+    for line in (
+        "drive_add/ if=none,id=hd1,file=/dev/null,format=raw",
+        "object_add secret,id=s,data=x",
+        "qom-set /machine/unattached kvm-pit off",
+        "  netdev_add user,id=n9",
+    ):
+        with pytest.raises(ExecuteError, match="is not relayed"):
+            await client.execute(hmp, {"command-line": line})
+    with pytest.raises(ExecuteError, match="--allow-host-programs"):
+        await client.execute(hmp, {"command-line": f"migrate -d exec:touch {marker}"})
+    with pytest.raises(ExecuteError, match="the shell command 'touch"):
+        await client.execute("migrate", {"uri": f"exec:touch {marker}"})
+    assert not marker.exists()
+    assert "hd1" not in str(await client.execute("query-block"))
     machine = await client.execute("query-machine")
     assert machine["engine"]["accel"] == "tcg"
     assert (await client.execute("query-kvm"))["enabled"] is False

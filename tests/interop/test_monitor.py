@@ -152,7 +152,11 @@ async def test_arguments_are_checked_before_any_effect(qmpvm: QmpvmProcess) -> N
             {"driver": "virtio-blk-pci", "drive": "ghost"},
             "Block node 'ghost' not found",
         ),
-        ("boot-set", {"kernel": "/nonexistent/vmlinuz"}, "could not open '/nonexistent/vmlinuz'"),
+        (
+            "boot-set",
+            {"kernel": "/nonexistent/vmlinuz"},
+            "'/nonexistent/vmlinuz' cannot be opened: No such file",
+        ),
         ("no-such-command", None, "The command no-such-command has not been found"),
         ("cont", None, "needs a machine: run machine-init first"),
     ]
@@ -215,6 +219,16 @@ async def test_queries_answer_before_any_machine(qmpvm: QmpvmProcess) -> None:
     await client.disconnect()
 
 
+class _AnyFd(int):
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, int) and other > 2
+
+    __hash__ = int.__hash__
+
+
+ANY_FD = _AnyFd()
+
+
 async def test_passed_fd_belongs_to_its_connection(qmpvm: QmpvmProcess) -> None:
     def open_fds() -> set[str]:
         targets = set()
@@ -255,6 +269,40 @@ async def test_passed_fd_belongs_to_its_connection(qmpvm: QmpvmProcess) -> None:
     await again.disconnect()
     marker_a.unlink()
     marker_b.unlink()
+
+
+async def test_a_connection_sees_and_closes_only_its_own_descriptors(
+    qmpvm: QmpvmProcess,
+) -> None:
+    """Client B can neither close, replace nor see what client A passed."""
+    a, b = await connect(qmpvm), await connect(qmpvm)
+    with open("/dev/null") as f:
+        a.send_fd_scm(f.fileno())
+        await a.execute("getfd", {"fdname": "mine"})
+        a.send_fd_scm(f.fileno())
+        await a.execute("add-fd", {"fdset-id": 5, "opaque": "a's"})
+        b.send_fd_scm(f.fileno())
+        with pytest.raises(ExecuteError, match="belongs to another connection"):
+            await b.execute("getfd", {"fdname": "mine"})
+        b.send_fd_scm(f.fileno())
+        with pytest.raises(ExecuteError, match="fdset 5 belongs to another connection"):
+            await b.execute("add-fd", {"fdset-id": 5})
+    with pytest.raises(ExecuteError, match="File descriptor named 'mine' not found"):
+        await b.execute("closefd", {"fdname": "mine"})
+    with pytest.raises(ExecuteError, match="not found"):
+        await b.execute("remove-fd", {"fdset-id": 5})
+    assert await b.execute("query-fdsets") == []
+    assert await a.execute("query-fdsets") == [
+        {"fdset-id": 5, "fds": [{"fd": ANY_FD, "opaque": "a's"}]}
+    ]
+    # what the configuration uses is visible to every connection
+    await a.execute(
+        "blockdev-add", {"driver": "file", "node-name": "f", "filename": "/dev/fdset/5"}
+    )
+    assert [s["fdset-id"] for s in await b.execute("query-fdsets")] == [5]
+    await a.execute("closefd", {"fdname": "mine"})
+    await a.disconnect()
+    await b.disconnect()
 
 
 async def test_kill_9_after_a_reply_keeps_the_change(tmp_path: Path) -> None:

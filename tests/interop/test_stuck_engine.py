@@ -40,3 +40,21 @@ async def test_a_stopped_engine_times_queries_out_and_refusals_do_not_wait(
     assert await stuck == {}
     await other.disconnect()
     await quit_and_disconnect(client)
+
+
+async def test_query_status_right_after_the_engine_dies_answers_the_state(
+    tmp_path: Path,
+) -> None:
+    """Not "link closed": the engine's death is a state, and query-status tells it."""
+    proc = start_qmpvm(tmp_path, "-M", "q35,accel=tcg", "-nodefaults", "-S")
+    client = await connect(proc)
+    for _ in range(3):
+        pid = (await client.execute("query-machine"))["engine"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        status = await client.execute("query-status")
+        assert status["status"] in ("internal-error", "paused", "prelaunch"), status
+        while (await client.execute("query-status"))["phase"] != "no-machine":
+            await asyncio.sleep(0.01)
+        assert (await client.execute("query-status"))["status"] == "internal-error"
+        await client.execute("machine-init")
+    await quit_and_disconnect(client)

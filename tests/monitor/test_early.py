@@ -34,7 +34,9 @@ def test_greeting_is_what_the_server_would_encode() -> None:
     ("argv", "found"),
     [
         (["-qmp", UNIX, "-m", "256", "-S"], [Listener("unix", path="/tmp/q.sock")]),
-        (["--qmp", "tcp::4444"], [Listener("tcp", host="127.0.0.1", port=4444)]),
+        (["--qmp", "tcp:127.0.0.1:4444"], [Listener("tcp", host="127.0.0.1", port=4444)]),
+        (["--qmp", "tcp::4444"], []),  # every address: cli decides
+        (["-qmp", "tcp:localhost:1,tls-creds=t"], []),  # TLS: the full parse sets it up
         (["-append", "-qmp", "-qmp", UNIX], [Listener("unix", path="/tmp/q.sock")]),
         (["-m", "256"], []),
         (["demo"], []),  # a subcommand

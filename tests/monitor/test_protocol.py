@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from qmpvm.monitor import protocol
 from qmpvm.monitor.protocol import (
+    MAX_MEMBERS,
+    MAX_TOKENS,
     JsonSplitter,
     ParseFailure,
     Reply,
@@ -266,13 +268,34 @@ def test_nesting_limit_holds_whatever_the_recursion_limit() -> None:
 
 
 def test_a_message_of_too_many_tokens_is_refused_unread() -> None:
-    """QEMU's limit: millions of tiny values would take seconds to decode."""
+    """Many tiny values cost far more to decode than their bytes suggest."""
     splitter = JsonSplitter()
-    many = b"[" + b"[]," * 1_100_000 + b"[]]"  # 2.2M brackets
-    pieces = [many[i : i + 65536] for i in range(0, len(many), 65536)]
+    many = b"[" + b"[]," * 70_000 + b"[]]"  # 140,002 brackets, under 1 MiB
+    pieces = [many[i : i + 4096] for i in range(0, len(many), 4096)]
     out = [item for piece in pieces for item in splitter.feed(piece)]
-    assert out == [ParseFailure(desc="JSON parse error, more than 2097152 tokens")]
+    assert out == [ParseFailure(desc=f"JSON parse error, more than {MAX_TOKENS} tokens")]
     assert splitter.idle
-    fewer = b"[" + b"1," * 900_000 + b"1]"  # about 1.8M tokens: still a message
+    fewer = b"[" + b"1," * 60_000 + b"1]"  # about 120,000 tokens: still a message
     (value,) = splitter.feed(fewer)
     assert value == fewer
+
+
+@pytest.mark.parametrize(
+    ("text", "desc"),
+    [
+        (b'{"execute": "quit", "execute": "query-name"}', "JSON parse error, duplicate key"),
+        (b'{"execute": "x", "arguments": {"a": 1, "b": {"c": 1, "c": 2}}}',
+         "JSON parse error, duplicate key"),
+        (b"{'execute': 'quit', 'execute': 'query-name'}", "JSON parse error, duplicate key"),
+        (b'{"execute": "x", "arguments": {' + b", ".join(b'"k%d": 1' % i for i in range(5000))
+         + b"}}", f"JSON parse error, more than {MAX_MEMBERS} members in an object"),
+    ],
+)  # fmt: skip
+def test_objects_with_a_repeated_key_or_too_many_members_are_refused(
+    text: bytes, desc: str
+) -> None:
+    """As QEMU 7.2: the last value silently winning would run another command."""
+    conn = ServerConnection()
+    (reply,) = _replies(conn, text)
+    assert isinstance(reply, Reply)
+    assert reply.message["error"] == {"class": "GenericError", "desc": desc}

@@ -27,9 +27,12 @@ class Backend:
     def __init__(self) -> None:
         self.calls: list[str] = []
         self.gone: list[int] = []
+        self.release = asyncio.Event()
 
     async def dispatch(self, request: Request, client: Client) -> dict[str, object]:
         self.calls.append(request.name)
+        if request.name == "block":
+            await self.release.wait()
         if request.name == "big":
             return request.reply("x" * BIG)
         if request.name == "not-json":
@@ -189,7 +192,7 @@ async def test_client_that_never_reads_events_is_dropped(
         for _ in range(100):
             monitor.broadcast(event)
             assert await reader.line() == event
-    assert any("client is not reading" in r.getMessage() for r in caplog.records)
+    assert any("it is not reading" in r.getMessage() for r in caplog.records)
     leftover = await hog.until_eof()
     assert 0 < leftover.count(b"\r\n") < 100, "what the kernel held, then EOF"
     while len(monitor.sessions) > 1:
@@ -256,6 +259,49 @@ async def test_unfinished_input_is_bounded_across_all_clients(
     await first.send(b'"}{"execute": "still-served", "id": 2}')
     assert "id" not in await first.line()
     assert (await first.line())["id"] == 2
+
+
+async def test_output_is_bounded_across_all_clients(
+    server: tuple[MonitorServer, Backend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clients that do not read cannot add up: the one holding most goes."""
+    monkeypatch.setattr(server_module, "MAX_OUTPUT_TOTAL", 5 * BIG)
+    monitor, _backend = server
+    hog = await connect(monitor, server_sndbuf=4096)
+    modest = await connect(monitor, server_sndbuf=4096)
+    await hog.send(b"".join(b'{"execute": "big", "id": %d}' % i for i in range(4)))
+    while sum(s.output_bytes for s in monitor.sessions) < 3 * BIG:
+        await asyncio.sleep(0.01)
+    await modest.send(b'{"execute": "big", "id": "m"}{"execute": "big", "id": "n"}')
+    with contextlib.suppress(ConnectionResetError):
+        await hog.until_eof()
+    assert [s.client.id for s in monitor.sessions] == [2]
+    assert (await modest.line())["id"] == "m"
+    assert (await modest.line())["id"] == "n"
+
+
+async def test_input_read_ahead_is_bounded_across_all_clients(
+    server: tuple[MonitorServer, Backend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the total, reading waits for every client, then resumes for all."""
+    monkeypatch.setattr(server_module, "MAX_INBOX_TOTAL", 2000)
+    monitor, backend = server
+    busy = await connect(monitor)
+    await busy.send(b'{"execute": "block", "id": 0}')
+    while "block" not in backend.calls:
+        await asyncio.sleep(0.01)
+    for i in range(1, 4):  # read while "block" runs, and not handled
+        await busy.send(b'{"execute": "later", "id": %d, "pad": "%s"}' % (i, b"p" * 1000))
+        while not any(s._inbox for s in monitor.sessions) and i == 1:
+            await asyncio.sleep(0.01)
+    other = await connect(monitor, negotiate=False)
+    await other.send(b'{"execute": "qmp_capabilities", "id": "o"}')
+    while not any(s.client.id == 2 for s in monitor._starved):  # not read: no room
+        await asyncio.sleep(0.01)
+    assert sum(len(d) for s in monitor.sessions for d, _ in s._inbox) <= 2000 + 65536
+    backend.release.set()
+    assert (await other.line())["id"] == "o"
+    assert [(await busy.line())["id"] for _ in range(4)] == [0, 1, 2, 3]
 
 
 async def test_close_answers_what_was_asked_then_ends_sessions(
