@@ -9,6 +9,7 @@ from __future__ import annotations
 from qmpvm.commands.common import REGISTRY
 from qmpvm.config.chardev import backend_of
 from qmpvm.config.resource import Kind
+from qmpvm.engine.launch import LINK_CHARDEV
 from qmpvm.monitor.dispatch import ENGINE_ARGS, Call
 
 
@@ -62,7 +63,9 @@ def _node_info(args: dict[str, object]) -> dict[str, object]:
 async def query_chardev(call: Call) -> object:
     vmm = call.vmm
     if vmm.machine is not None:
-        return await vmm.forward("query-chardev", {})
+        found = await vmm.forward("query-chardev", {})
+        assert isinstance(found, list)
+        return [c for c in found if c.get("label") != LINK_CHARDEV]  # qmpvm's own link
     out = []
     for resource in vmm.config.of_kind(Kind.CHARDEV):
         backend, _data = backend_of(resource.args)

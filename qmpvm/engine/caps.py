@@ -50,6 +50,7 @@ import hashlib
 import json
 import logging
 import os
+import pwd
 import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
-_FORMAT = 4  # bump when the cache layout or the probed content changes
+_FORMAT = 5  # bump when the cache layout or the probed content changes
 
 
 class ProbeError(EngineError):
@@ -647,14 +648,31 @@ def stat_identity(path: str) -> dict[str, object]:
     return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+VAR_CACHE = Path("/var/cache/qmpvm")
+
+
 def default_cache_dir() -> Path:
     """$QMPVM_CACHE_DIR, else $XDG_CACHE_HOME/qmpvm, else ~/.cache/qmpvm."""
+    return cache_dirs()[0]
+
+
+def cache_dirs() -> list[Path]:
+    """Where a cache is looked for, in order; the first writable one is written.
+
+    ``$QMPVM_CACHE_DIR`` alone when set; else the environment's cache
+    (``$XDG_CACHE_HOME`` or ``$HOME/.cache``), then the account's own home
+    (libvirt starts each domain with ``HOME`` in a fresh directory of its
+    own, where a cache would be cold at every start), then ``/var/cache``.
+    """
     explicit = os.environ.get("QMPVM_CACHE_DIR")
     if explicit:
-        return Path(explicit)
+        return [Path(explicit)]
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "qmpvm"
+    found = [(Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "qmpvm"]
+    with contextlib.suppress(KeyError):  # a uid without an account has no home
+        found.append(Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "qmpvm")
+    found.append(VAR_CACHE)
+    return list(dict.fromkeys(found))
 
 
 def cache_key(identity: Mapping[str, object]) -> dict[str, object]:

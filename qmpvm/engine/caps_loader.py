@@ -18,9 +18,9 @@ from qmpvm.engine.caps import (
     Capabilities,
     ProbeError,
     Progress,
+    cache_dirs,
     cache_key,
     cache_path,
-    default_cache_dir,
     load_cached,
     resolve_binary,
     stat_identity,
@@ -40,25 +40,30 @@ async def load_or_probe(
 ) -> Capabilities:
     """Capabilities from the cache when the binary is unchanged, else from a fresh probe.
 
-    ``cache_dir`` defaults to ``caps.default_cache_dir()``.  A cache that cannot
+    ``cache_dir`` defaults to each of ``caps.cache_dirs()`` in turn.  A cache that cannot
     be written is logged and skipped: the probe result is still returned.
     Raises ``ProbeError`` when the binary is missing or unusable.
     """
-    directory = cache_dir if cache_dir is not None else default_cache_dir()
+    directories = [cache_dir] if cache_dir is not None else cache_dirs()
     key = cache_key(stat_identity(resolve_binary(binary)))
-    file = cache_path(directory, key)
-    # Reading ~1.5 MB may wait for the disk: keep it off the event loop.
-    cached = await asyncio.to_thread(load_cached, file, key)
-    if cached is not None:
-        logger.debug("engine capabilities from %s", file)
-        return cached
+    for directory in directories:
+        file = cache_path(directory, key)
+        # Reading ~0.5 MB may wait for the disk: keep it off the event loop.
+        cached = await asyncio.to_thread(load_cached, file, key)
+        if cached is not None:
+            logger.debug("engine capabilities from %s", file)
+            return cached
     from qmpvm.engine.probe import probe  # compiled only when the cache misses
 
     caps = await probe(binary, progress=progress)
-    try:
-        written = await asyncio.to_thread(store, directory, caps)
-    except OSError as err:
-        logger.warning("cannot write capability cache in %s: %s", directory, err)
+    for directory in directories:
+        try:
+            written = await asyncio.to_thread(store, directory, caps)
+        except OSError as err:
+            logger.info("cannot write capability cache in %s: %s", directory, err)
+        else:
+            logger.info("engine capabilities cached in %s", written)
+            break
     else:
-        logger.info("engine capabilities cached in %s", written)
+        logger.warning("no capability cache could be written in %s", directories)
     return caps

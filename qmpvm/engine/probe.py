@@ -309,17 +309,21 @@ class _Prober:
         implements = ["device", "accel", "user-creatable", *(base for base, _ in _BUS_KINDS)]
         try:
             async with asyncio.timeout(_QUERY_TIMEOUT):
-                version, machines, commands, schema, options, cpus, *types = await asyncio.gather(
+                # QOM types first: listing them loads the engine's modules, and
+                # only then do their options (-spice) appear, as libvirt sees them
+                types = await asyncio.gather(
+                    *(
+                        link.execute("qom-list-types", {"implements": base, "abstract": False})
+                        for base in implements
+                    ),
+                )
+                version, machines, commands, schema, options, cpus = await asyncio.gather(
                     link.execute("query-version"),
                     link.execute("query-machines"),
                     link.execute("query-commands"),
                     link.execute("query-qmp-schema"),
                     _optional(link.execute("query-command-line-options")),
                     _optional(link.execute("query-cpu-definitions")),
-                    *(
-                        link.execute("qom-list-types", {"implements": base, "abstract": False})
-                        for base in implements
-                    ),
                 )
         except (EngineError, TimeoutError) as err:
             detail = await self.discard()

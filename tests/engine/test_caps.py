@@ -19,11 +19,13 @@ import contextlib
 import dataclasses
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
+import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -35,11 +37,13 @@ import qmpvm.engine.caps as caps_module
 from qmpvm.engine import probe as probe_module
 from qmpvm.engine import process as engine_process
 from qmpvm.engine.caps import (
+    VAR_CACHE,
     Capabilities,
     DeviceType,
     ProbeError,
     Properties,
     QmpSchema,
+    cache_dirs,
     cache_path,
     default_cache_dir,
 )
@@ -1073,3 +1077,29 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/is/ignored")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "qmpvm"
+    # a HOME that is not the account's (libvirt's per-domain one): the account's
+    # own cache is looked at next, then the system's
+    account = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "qmpvm"
+    assert cache_dirs() == [tmp_path / "home" / ".cache" / "qmpvm", account, VAR_CACHE]
+    monkeypatch.setenv("QMPVM_CACHE_DIR", str(tmp_path / "explicit"))
+    assert cache_dirs() == [tmp_path / "explicit"]
+
+
+async def test_a_cache_in_the_accounts_home_serves_a_process_with_another_home(
+    real: tuple[Capabilities, float], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Written under one HOME, found under another: no probe the second time."""
+    caps, _ = real
+    assert QEMU is not None
+    first, second = tmp_path / "first", tmp_path / "second"
+    monkeypatch.delenv("QMPVM_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(caps_module, "VAR_CACHE", tmp_path / "var")
+    account = types.SimpleNamespace(pw_dir=str(first))
+    monkeypatch.setattr(pwd, "getpwuid", lambda _uid: account)
+    calls = counting_probe(monkeypatch, lambda _binary: caps)
+    monkeypatch.setenv("HOME", str(first))
+    assert await load_or_probe(QEMU) == caps
+    monkeypatch.setenv("HOME", str(second))
+    assert await load_or_probe(QEMU) == caps
+    assert len(calls) == 1
