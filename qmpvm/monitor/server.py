@@ -26,9 +26,10 @@ import contextlib
 import functools
 import logging
 import socket
+import time
 import typing
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Protocol
 
 from qmpvm.monitor.client import Client
@@ -41,9 +42,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READ_SIZE = 65536
-PARSE_SLICE = 4096
+PARSE_SLICE = 2048
 """Input is parsed this much at a time, the loop running other clients in
 between: a read of 64 KiB of brackets costs tens of ms to split in Python."""
+HEAVY_PARSE = 0.0005
+"""Seconds of CPU parsing one slice that make a session a background one."""
 READ_AHEAD = 4
 """Reads kept before they are handled; then reading pauses until one is."""
 MAX_FDS_PER_MESSAGE = 16
@@ -103,6 +106,7 @@ class Session:
         self._output_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self._closing = False
+        self._background = False  # its last slice was costly to parse
 
     async def run(self) -> None:
         early = " (greeted during start-up)" if self._greeted else ""
@@ -132,21 +136,41 @@ class Session:
             if not data:
                 return
             for start in range(0, len(data), PARSE_SLICE):
-                if start:
+                if start and not self._background:
                     await asyncio.sleep(0)  # let other clients run between slices
                 if not await self._handle(data[start : start + PARSE_SLICE]):
                     return
+            if not self._inbox:
+                self.server.foreground_done(self)
 
     async def _handle(self, data: bytes) -> bool:
-        """Run what ``data`` completes; False once the session must end."""
-        for item in self.protocol.receive_data(data):
+        """Run what ``data`` completes; False once the session must end.
+
+        Parsing that costs more than ``HEAVY_PARSE`` (hostile input: millions
+        of brackets, escapes) makes the session a background one until a
+        slice parses cheaply again: its slices then wait until no other
+        client has work, one background slice at a time.
+        """
+        if self._background:  # after the clients with light work, one at a time
+            async with self.server.background_turn():
+                items, heavy = self._parse(data)
+        else:
+            items, heavy = self._parse(data)
+        if heavy != self._background:
+            self._background = heavy
+            if heavy:
+                self.server.foreground_done(self)
+        for item in items:
             if self._closing:
                 return False
             if isinstance(item, Reply):
                 await self._send(item.message)
                 continue
             self.log.debug("--> %s", item)
+            self.server.foreground_done(self)  # waiting on the command is no CPU
             reply = await self.server.backend.dispatch(item, self.client)
+            if not self._background:
+                self.server.foreground_busy(self)
             try:
                 await self._send(reply)
             except (TypeError, ValueError):
@@ -161,11 +185,21 @@ class Session:
             return False
         return True
 
+    def _parse(self, data: bytes) -> tuple[list[Request | Reply], bool]:
+        """What ``data`` completes, and whether parsing it was costly."""
+        started = time.thread_time()
+        items = list(self.protocol.receive_data(data))
+        return items, time.thread_time() - started > HEAVY_PARSE
+
     async def _send(self, message: dict[str, object]) -> None:
         self.log.debug("<-- %s", message)
         data = encode(message)
-        while self._backlog_full() and not self._closing:
-            await self._wait()
+        if self._backlog_full():
+            self.server.foreground_done(self)  # waiting on its client is no CPU
+            while self._backlog_full() and not self._closing:
+                await self._wait()
+            if not self._background:
+                self.server.foreground_busy(self)
         self._write(data)
 
     def _backlog_full(self) -> bool:
@@ -218,6 +252,8 @@ class Session:
             data, fds = b"", []
         self._inbox.append((data, fds))
         self.server.inbox_read(len(data))
+        if not self._background:
+            self.server.foreground_busy(self)
         if not data:
             self._eof = True
         if self._eof or len(self._inbox) >= READ_AHEAD or self.server.inbox_full(self):
@@ -325,6 +361,7 @@ class Session:
 
     def _close(self) -> None:
         self._shut_down()
+        self.server.foreground_done(self)
         for data, fds in self._inbox:  # descriptors read but never handled
             self.client.receive_fds(fds)
             self.server.inbox_handled(len(data))
@@ -345,6 +382,10 @@ class MonitorServer:
         self._output_total = 0  # backlog bytes of all sessions
         self._inbox_total = 0  # bytes read and not yet handled, all sessions
         self._starved: set[Session] = set()  # waiting for room in the inbox total
+        self._foreground: set[Session] = set()  # light sessions with input to handle
+        self._foreground_idle = asyncio.Event()
+        self._foreground_idle.set()
+        self._background = asyncio.Lock()  # one background slice at a time
         self._warned: set[str] = set()
         self._accepting: list[asyncio.Task[None]] = []
         self._next_client = 1
@@ -482,6 +523,27 @@ class MonitorServer:
         self._starved.discard(session)
         self._pending_total -= self._pending_input.pop(session, 0)
         self._session_ended.set()
+
+    def foreground_busy(self, session: Session) -> None:
+        self._foreground.add(session)
+        self._foreground_idle.clear()
+
+    def foreground_done(self, session: Session) -> None:
+        self._foreground.discard(session)
+        if not self._foreground:
+            self._foreground_idle.set()
+
+    @contextlib.asynccontextmanager
+    async def background_turn(self) -> AsyncIterator[None]:
+        """Hold a background slice until no light session has work (checked
+        once per loop turn), so hostile parsing delays nobody by more than
+        one slice, then run it alone."""
+        async with self._background:
+            await asyncio.sleep(0)
+            while not self._foreground_idle.is_set():
+                await self._foreground_idle.wait()
+                await asyncio.sleep(0)  # a reply just sent: let its client's next read in
+            yield
 
     def warn_once(self, key: str, message: str, *args: object) -> None:
         """Log a warning the first time ``key`` happens; later ones at debug

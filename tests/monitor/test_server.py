@@ -250,6 +250,8 @@ async def test_unfinished_input_is_bounded_across_all_clients(
     assert "id" not in await first.line()  # the answer to "x"
     assert (await first.line())["id"] == 1
     await first.send(b'{"execute": "x", "pad": "' + b"a" * 150_000)  # held again
+    while monitor._pending_total < 150_000:  # all of it read and held
+        await asyncio.sleep(0.01)
     second = await connect(monitor)
     await second.send(b'{"execute": "y", "pad": "' + b"b" * 150_000)  # over, together
     with contextlib.suppress(ConnectionResetError):  # dropped with its input unread
