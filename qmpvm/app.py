@@ -86,6 +86,7 @@ class ControlPlane:
             EngineSettings(
                 binary=options.engine,
                 capabilities=options.capabilities,
+                schema=options.schema,
                 allow_host_programs=options.allow_host_programs,
             ),
             hooks=REGISTRY.hooks,
@@ -183,6 +184,7 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
     store = vmm.store
     vmm.add_sink(server.broadcast)
     vmm.start_probe()
+    vmm.warm_up()
     before = vmm.config
     if options.pidfile:
         _write_pidfile(options.pidfile)

@@ -131,6 +131,7 @@ def main(
         return 1
     options.open_at_start = open_at_start
     options.capabilities = typer.caps if typer is not None else None
+    options.schema = typer.built_schema if typer is not None else None
     for warning in options.warnings:
         print(f"qmpvm: warning: {warning}", file=sys.stderr)
     if options.engine_help is not None:

@@ -39,6 +39,7 @@ from . import sugar
 
 if TYPE_CHECKING:
     from qmpvm.engine.caps import Capabilities
+    from qmpvm.qapi.check import Schema
 
 
 class Start(StrEnum):
@@ -73,6 +74,7 @@ class Options:
     named_fds: list[NamedFd] = field(default_factory=list)
     open_at_start: frozenset[int] | None = None  # descriptors the process was given
     capabilities: Capabilities | None = None  # the engine's, if typing the options loaded them
+    schema: Schema | None = None  # and their schema checker, if typing built it
     start: Start = Start.RUN
     state_dir: str | None = None
     config_file: str | None = None
@@ -505,8 +507,10 @@ class Translator:
             self.secure(listener, objects)
         if self.settings or resources or self.boot:
             # the line describes a machine: what QEMU would build from it, its
-            # defaults (default devices, the pc machine) included
+            # defaults (default devices, the pc machine) included, and nothing
+            # more (no spare root ports the tool that wrote the line knows not of)
             self.settings.setdefault("type", DEFAULT_MACHINE)
+            self.settings.setdefault("hotplug-ports", 0)
             if self.defaults:
                 self.settings["defaults"] = True
         if self.settings:

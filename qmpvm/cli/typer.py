@@ -42,6 +42,11 @@ class EngineTyper:
 
         return cls(schema, caps.command_line_options, caps)
 
+    @property
+    def built_schema(self) -> Schema | None:
+        """The schema checker, if typing needed it (for the process to reuse)."""
+        return self._schema
+
     def command(self, command: str, tree: dict[str, object]) -> dict[str, object]:
         if self._schema is None:
             self._schema = self._make_schema()

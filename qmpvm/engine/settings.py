@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from qmpvm.engine.caps import Capabilities
+    from qmpvm.qapi.check import Schema
 
 
 @dataclass(slots=True, kw_only=True)
@@ -15,4 +16,5 @@ class EngineSettings:
     binary: str = "qemu-system-x86_64"
     cache_dir: Path | None = None
     capabilities: Capabilities | None = None  # already loaded (by the command line's typing)
+    schema: Schema | None = None  # already built from them (likewise)
     allow_host_programs: bool = False  # exec: URIs, tap scripts, ... (qmpvm.config.programs)

@@ -54,6 +54,7 @@ def test_each_option_is_a_qmp_command() -> None:
                 "cpus": 2,
                 "name": "vm1",
                 "serial": ["chardev:c0"],
+                "hotplug-ports": 0,
             },
         },
         {"execute": "boot-set", "arguments": {"kernel": "/k", "append": "console=ttyS0"}},
@@ -168,10 +169,13 @@ def test_resources_are_created_in_qemus_order() -> None:
 
 def test_defaults_are_qemus_when_the_line_describes_a_machine() -> None:
     assert by_name(commands("-m", "256", "-S"), "machine-set") == [
-        {"memory": 256 << 20, "type": "pc", "defaults": True}
+        {"memory": 256 << 20, "type": "pc", "hotplug-ports": 0, "defaults": True}
     ]
     assert by_name(commands("-m", "256", "-nodefaults", "-S"), "machine-set") == [
-        {"memory": 256 << 20, "type": "pc"}
+        {"memory": 256 << 20, "type": "pc", "hotplug-ports": 0}  # QEMU adds no spare ports
+    ]
+    assert by_name(commands("-M", "q35", "-hotplug-ports", "2"), "machine-set") == [
+        {"type": "q35", "hotplug-ports": 2, "defaults": True}
     ]
     assert by_name(commands("-S"), "machine-set") == [], "no machine described: none changed"
 
@@ -335,7 +339,10 @@ def test_print_qmp_and_errors_from_the_real_entry_point() -> None:
         check=True,
     )
     assert [json.loads(line) for line in out.stdout.splitlines()] == [
-        {"execute": "machine-set", "arguments": {"memory": 256 << 20, "type": "pc"}},
+        {
+            "execute": "machine-set",
+            "arguments": {"memory": 256 << 20, "type": "pc", "hotplug-ports": 0},
+        },
         {"execute": "machine-init"},
     ]
     bad = subprocess.run(

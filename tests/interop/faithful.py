@@ -173,7 +173,7 @@ def qemu_command(argv: list[str]) -> list[str]:
 
 
 def qmpvm_command(argv: list[str]) -> list[str]:
-    return [sys.executable, "-m", "qmpvm", "--hotplug-ports", "0", *argv]
+    return [sys.executable, "-m", "qmpvm", *argv]  # no spare ports: QEMU adds none either
 
 
 async def describe(started: Started, timeout: float = 60) -> dict[str, Any] | str:

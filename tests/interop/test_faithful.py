@@ -125,7 +125,9 @@ async def test_a_changed_machine_exported_and_replayed_has_the_same_devices(
 ) -> None:
     image = tmp_path / "disk.raw"
     image.write_bytes(bytes(1 << 20))
-    first = start_qmpvm(tmp_path, "-M", "q35,accel=tcg", "-nodefaults", "-S", name="first")
+    first = start_qmpvm(  # a command line adds no spare root ports unless asked, as QEMU
+        tmp_path, "-M", "q35,accel=tcg", "-nodefaults", "-hotplug-ports", "2", "-S", name="first"
+    )
     client = await connect(first)
     await client.execute("object-add", {"qom-type": "iothread", "id": "io1"})
     await client.execute(
