@@ -447,7 +447,7 @@ class _Prober:
                 raise err
         if lost:
             detail = await self.discard()
-            logger.warning(
+            logger.info(  # some types crash QEMU when listed; they are set aside and retried
                 "probe engine died with %d answers lost (first %s)%s", len(lost), lost[0][1], detail
             )
         return lost
