@@ -173,8 +173,14 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()  # a signal during start-up still stops cleanly
+    signalled: list[int] = []  # a signal ends the engine with one too, as QEMU would end
+
+    def on_signal(sig: int) -> None:
+        signalled.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         vmm = await plane.load(options, stop)
     except StoreError as err:
@@ -209,7 +215,7 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
         _report_ready(options.ready_fd)
     await _wait_for_end(vmm, has_listeners=bool(options.listeners))
     log.info("shutting down")
-    await vmm.stop_engine()
+    await vmm.stop_engine(by_signal=bool(signalled))
     await server.close()
     vmm.fds.close_all()
     store.close()

@@ -190,7 +190,7 @@ class Vmm:
         log.info("engine exited: %s", info)
         self.emit("ENGINE_EXIT", info)
 
-    async def stop_engine(self) -> None:
+    async def stop_engine(self, *, by_signal: bool = False) -> None:
         machine = self.machine
         if machine is not None:
-            await machine.stop()
+            await machine.stop(by_signal=by_signal)

@@ -36,9 +36,10 @@ async def query_machines(call: Call) -> object:
 
 @REGISTRY.command("qom-list-types", args=ENGINE_ARGS)
 async def qom_list_types(call: Call) -> object:
-    """The concrete types the cache knows; with a machine, the engine's whole answer."""
+    """With a machine, the engine's own answer (every type, with its parent);
+    before one, the concrete types the cache knows, by name."""
     implements = call.args.get("implements")
-    if call.vmm.machine is not None and (call.args.get("abstract") or implements not in _KNOWN):
+    if call.vmm.machine is not None:
         return await call.vmm.forward("qom-list-types", call.args)
     caps = await _caps(call.vmm)
     families = {
@@ -52,9 +53,6 @@ async def qom_list_types(call: Call) -> object:
     else:
         names = [name for family in families.values() for name in family]
     return [{"name": name} for name in dict.fromkeys(names)]
-
-
-_KNOWN = (None, "device", "user-creatable", "machine", "accel")
 
 
 @REGISTRY.command("device-list-properties", args=ENGINE_ARGS)

@@ -29,13 +29,17 @@ import array
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
 from qmpvm.errors import EngineCommandError, EngineError
-from qmpvm.monitor.protocol import JsonSplitter, ParseFailure, decode_value, encode
+from qmpvm.monitor.protocol import JsonSplitter, ParseFailure, encode
+
+ENGINE_MAX_MESSAGE = 256 << 20
+"""Bytes (and tokens) of one message from the engine: a bound, not a policy."""
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +75,9 @@ class EngineLink:
         self._sock = sock
         self._on_event = on_event
         self._loop = asyncio.get_running_loop()
-        self._splitter = JsonSplitter()
+        # the engine is trusted, and its answers are large (query-qmp-schema:
+        # 200 KB, tens of thousands of tokens): the clients' limits are not its
+        self._splitter = JsonSplitter(max_bytes=ENGINE_MAX_MESSAGE, max_tokens=ENGINE_MAX_MESSAGE)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[_Reply]] = {}
         self._greeting: asyncio.Future[_Reply] = self._loop.create_future()
@@ -263,9 +269,10 @@ class EngineLink:
             return
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("<-- %s", _for_log(raw))
-        value = decode_value(raw)
-        if isinstance(value, ParseFailure):
-            logger.warning("engine sent unparsable output: %s", value.desc)
+        try:  # the engine writes standard JSON: none of the clients' limits or quirks
+            value = json.loads(raw)
+        except (ValueError, RecursionError) as err:
+            logger.warning("engine sent unparsable output: %s", err)
             return
         if not isinstance(value, dict):
             logger.warning("engine sent a non-object: %s", _for_log(raw))

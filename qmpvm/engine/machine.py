@@ -179,12 +179,18 @@ class EngineMachine:
             await asyncio.wait_for(asyncio.shield(self._supervisor), QUERY_TIMEOUT)
         return self._supervisor.done()
 
-    async def stop(self) -> None:
-        """Ask the engine to quit; kill it if it does not."""
+    async def stop(self, *, by_signal: bool = False) -> None:
+        """Ask the engine to quit (``by_signal``: with SIGTERM, so that its
+        clients hear SHUTDOWN "host-signal", as when QEMU itself gets one);
+        kill it if it does not."""
         self.stopping = True
         if self.process.returncode is None:
-            with contextlib.suppress(EngineError, OSError):
-                await asyncio.wait_for(self.link.execute("quit"), STOP_TIMEOUT)
+            if by_signal:
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.send_signal(signal.SIGTERM)
+            else:
+                with contextlib.suppress(EngineError, OSError):
+                    await asyncio.wait_for(self.link.execute("quit"), STOP_TIMEOUT)
             try:
                 await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT)
             except TimeoutError:

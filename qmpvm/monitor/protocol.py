@@ -33,7 +33,7 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 """Far above any real command, and low enough that decoding the largest
 message keeps the event loop (every other client) waiting a few ms at most."""
 MAX_NESTING = 1024
-MAX_TOKENS = 128 * 1024
+MAX_TOKENS = 32 * 1024
 """QEMU counts tokens too (json-streamer.c): a message of many tiny values
 costs far more to decode than its bytes suggest; it is refused unread."""
 MAX_MEMBERS = 4096
@@ -72,8 +72,9 @@ class JsonSplitter:
     it streams by (memory stays bounded) and reported once it ends.
     """
 
-    def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+    def __init__(self, max_bytes: int = MAX_MESSAGE_BYTES, max_tokens: int = MAX_TOKENS) -> None:
         self._max_bytes = max_bytes
+        self._max_tokens = max_tokens
         self._parts: list[bytes] = []
         self._size = 0
         self._depth = 0
@@ -182,7 +183,7 @@ class JsonSplitter:
 
     def _keep(self, piece: bytes) -> None:
         self._size += len(piece)
-        if self._size <= self._max_bytes and self._tokens <= MAX_TOKENS:
+        if self._size <= self._max_bytes and self._tokens <= self._max_tokens:
             self._parts.append(piece)
         else:
             self._parts.clear()
@@ -195,8 +196,8 @@ class JsonSplitter:
             )
         elif self._too_deep:
             out.append(ParseFailure(desc=f"JSON parse error, nesting deeper than {MAX_NESTING}"))
-        elif self._tokens > MAX_TOKENS:
-            out.append(ParseFailure(desc=f"JSON parse error, more than {MAX_TOKENS} tokens"))
+        elif self._tokens > self._max_tokens:
+            out.append(ParseFailure(desc=f"JSON parse error, more than {self._max_tokens} tokens"))
         else:
             out.append(b"".join(self._parts))
         self._reset()

@@ -47,6 +47,8 @@ PARSE_SLICE = 2048
 between: a read of 64 KiB of brackets costs tens of ms to split in Python."""
 HEAVY_PARSE = 0.0005
 """Seconds of CPU parsing one slice that make a session a background one."""
+BACKGROUND_PATIENCE = 16
+"""Loop turns a background slice waits for the light sessions to be idle."""
 READ_AHEAD = 4
 """Reads kept before they are handled; then reading pauses until one is."""
 MAX_FDS_PER_MESSAGE = 16
@@ -107,6 +109,7 @@ class Session:
         self._waiter: asyncio.Future[None] | None = None
         self._closing = False
         self._background = False  # its last slice was costly to parse
+        self._blocked = False  # waiting on a command or on its client: no CPU work
 
     async def run(self) -> None:
         early = " (greeted during start-up)" if self._greeted else ""
@@ -167,10 +170,9 @@ class Session:
                 await self._send(item.message)
                 continue
             self.log.debug("--> %s", item)
-            self.server.foreground_done(self)  # waiting on the command is no CPU
+            self._block()  # waiting on the command is no CPU work
             reply = await self.server.backend.dispatch(item, self.client)
-            if not self._background:
-                self.server.foreground_busy(self)
+            self._unblock()
             try:
                 await self._send(reply)
             except (TypeError, ValueError):
@@ -195,12 +197,20 @@ class Session:
         self.log.debug("<-- %s", message)
         data = encode(message)
         if self._backlog_full():
-            self.server.foreground_done(self)  # waiting on its client is no CPU
+            self._block()  # waiting on its client is no CPU work
             while self._backlog_full() and not self._closing:
                 await self._wait()
-            if not self._background:
-                self.server.foreground_busy(self)
+            self._unblock()
         self._write(data)
+
+    def _block(self) -> None:
+        self._blocked = True
+        self.server.foreground_done(self)
+
+    def _unblock(self) -> None:
+        self._blocked = False
+        if not self._background:
+            self.server.foreground_busy(self)
 
     def _backlog_full(self) -> bool:
         return len(self._output) >= MAX_OUTPUT or self._output_bytes >= MAX_OUTPUT_BYTES
@@ -252,7 +262,7 @@ class Session:
             data, fds = b"", []
         self._inbox.append((data, fds))
         self.server.inbox_read(len(data))
-        if not self._background:
+        if not (self._background or self._blocked):
             self.server.foreground_busy(self)
         if not data:
             self._eof = True
@@ -536,13 +546,14 @@ class MonitorServer:
     @contextlib.asynccontextmanager
     async def background_turn(self) -> AsyncIterator[None]:
         """Hold a background slice until no light session has work (checked
-        once per loop turn), so hostile parsing delays nobody by more than
-        one slice, then run it alone."""
+        once per loop turn, for at most ``BACKGROUND_PATIENCE`` turns: busy
+        light sessions slow a heavy one down, never stop it), then run it
+        alone."""
         async with self._background:
-            await asyncio.sleep(0)
-            while not self._foreground_idle.is_set():
-                await self._foreground_idle.wait()
+            for _turn in range(BACKGROUND_PATIENCE):
                 await asyncio.sleep(0)  # a reply just sent: let its client's next read in
+                if self._foreground_idle.is_set():
+                    break
             yield
 
     def warn_once(self, key: str, message: str, *args: object) -> None:

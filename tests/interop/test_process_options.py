@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import needs_qemu
+from conftest import needs_qemu, next_event, pids_of
 from qemu.qmp import QMPClient
 
 pytestmark = needs_qemu
@@ -115,3 +116,30 @@ def test_a_descriptor_qmpvm_was_not_started_with_is_refused() -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert "-add-fd fd=3: not a descriptor qmpvm was started with" in done.stderr
+
+
+async def test_a_signal_to_qmpvm_ends_the_engine_as_a_signal_ends_qemu(tmp_path: Path) -> None:
+    """``virsh destroy`` signals the pid: clients hear SHUTDOWN "host-signal", as
+    from QEMU, the engine goes, and qmpvm exits 0 as QEMU does."""
+    sock = tmp_path / "m.sock"
+    argv = [str(QMPVM_AS_QEMU), "-machine", "q35,accel=tcg", "-nodefaults", "-S",
+            "-qmp", f"unix:{sock},server=on,wait=off"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        client = QMPClient("destroyer")
+        async with asyncio.timeout(60):
+            while not sock.exists():
+                await asyncio.sleep(0.01)
+            await client.connect(str(sock))
+        engine = (await client.execute("query-machine"))["engine"]["pid"]
+        proc.send_signal(signal.SIGTERM)
+        shutdown = await next_event(client, "SHUTDOWN")
+        assert shutdown["data"]["reason"] == "host-signal"
+        with contextlib.suppress(EOFError, ConnectionError):
+            await client.disconnect()
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        assert engine not in pids_of("qemu-system-x86_64")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -270,12 +270,12 @@ def test_nesting_limit_holds_whatever_the_recursion_limit() -> None:
 def test_a_message_of_too_many_tokens_is_refused_unread() -> None:
     """Many tiny values cost far more to decode than their bytes suggest."""
     splitter = JsonSplitter()
-    many = b"[" + b"[]," * 70_000 + b"[]]"  # 140,002 brackets, under 1 MiB
+    many = b"[" + b"[]," * (MAX_TOKENS // 2 + 1) + b"[]]"  # more brackets than tokens allowed
     pieces = [many[i : i + 4096] for i in range(0, len(many), 4096)]
     out = [item for piece in pieces for item in splitter.feed(piece)]
     assert out == [ParseFailure(desc=f"JSON parse error, more than {MAX_TOKENS} tokens")]
     assert splitter.idle
-    fewer = b"[" + b"1," * 60_000 + b"1]"  # about 120,000 tokens: still a message
+    fewer = b"[" + b"1," * (MAX_TOKENS // 2 - 1000) + b"1]"  # a value and a comma each: under
     (value,) = splitter.feed(fewer)
     assert value == fewer
 
