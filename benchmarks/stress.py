@@ -55,26 +55,21 @@ Command::
     .venv/bin/python benchmarks/stress.py                 # full run (~5 min)
     .venv/bin/python benchmarks/stress.py --seconds 20    # shorter (~2 min)
 
-Measured here, 2026-12-01 19:20 UTC (2 cores, QEMU 7.2.22, CPython 3.11.7,
-load average 0.8-1.3, ``--seconds 20``, seed 7207, qmpvm's working tree of
-that hour), p50 / p99 / max of the checker's query-status in ms::
+Measured here, 2026-12-01 20:37 UTC (2 cores, QEMU 7.2.22, CPython 3.11.7,
+load average 0.7-1.1, 60 s floods, seed 7207), p50 / p99 / max of the
+checker's query-status in ms (the whole table and its history: BENCHMARKS.md)::
 
-    QEMU idle                               0.50 /  0.75 /  13.4
-    qmpvm idle                              0.27 /  0.49 /  14.8
-    QEMU flood, 1 connection      4 units/s 0.57 /  1.40 /  42.0   VmHWM 53.3 MiB
-    qmpvm, QEMU's pace            4 units/s 0.28 /  0.53 /  21.1
-    qmpvm flood, 1 connection   163 units/s 2.43 / 15.32 /  25.8   6.1 ms CPU/unit
-    qmpvm flood, 16 connections 154 units/s 0.28 / 82.96 / 135.2   VmHWM 46.3 MiB
-    qmpvm, 16 slow readers                  0.31 /  0.79 / 253.2   VmHWM 74.3 MiB
-    1000 connections greeted in 0.44 s, all answered in 0.52 s
-    ratios: at QEMU's pace 1.09 (met); as fast as qmpvm takes it 31.3 (1
-    connection) and 169 (16) MISSED; peak RSS 74.3 MiB MISSED (46.3 after
-    the floods alone, the rest 16 slow readers' backlogs); p99 during the
-    same flood at the same pace, qmpvm / QEMU: 0.38 (0.54 in a run before)
-
-Every flood found replies with unpaired surrogate escapes (``"id":
-"\\udbff"`` echoed), the one check qmpvm failed; QEMU echoes ``1e999`` as
-``inf`` (not JSON), which this seed's first 88 units did not contain.
+    QEMU idle                               0.43 /  0.69 /  11.0
+    qmpvm idle                              0.26 /  0.52 /  10.9
+    QEMU flood, 1 connection      5 units/s 0.55 /  1.30 /  74.0   VmHWM 53.0 MiB
+    qmpvm, QEMU's pace            5 units/s 0.29 /  0.66 /  24.3
+    qmpvm flood, 1 connection   174 units/s 1.24 /  5.17 /  32.3   5.7 ms CPU/unit
+    qmpvm flood, 16 connections 122 units/s 1.01 /  5.12 /  29.0   VmHWM 44.5 MiB
+    qmpvm, 16 slow readers                  0.29 /  0.76 / 124.6   VmHWM 60.9 MiB
+    1000 connections greeted in 0.38 s, all answered in 0.44 s
+    ratios: at QEMU's pace 1.27 (met); as fast as qmpvm takes it 9.99 (1
+    connection) and 9.88 (16) MISSED; peak RSS 60.9 MiB (met); p99 during
+    the same flood at the same pace, qmpvm / QEMU: 0.51
 """
 
 from __future__ import annotations

@@ -151,8 +151,8 @@ class Session:
 
         Parsing that costs more than ``HEAVY_PARSE`` (hostile input: millions
         of brackets, escapes) makes the session a background one until a
-        slice parses cheaply again: its slices then wait until no other
-        client has work, one background slice at a time.
+        slice parses cheaply again: its slices then wait (a few loop turns at
+        most) until no light client has work, one background slice at a time.
         """
         if self._background:  # after the clients with light work, one at a time
             async with self.server.background_turn():
@@ -209,7 +209,7 @@ class Session:
 
     def _unblock(self) -> None:
         self._blocked = False
-        if not self._background:
+        if not (self._background or self._closing):
             self.server.foreground_busy(self)
 
     def _backlog_full(self) -> bool:
@@ -393,8 +393,6 @@ class MonitorServer:
         self._inbox_total = 0  # bytes read and not yet handled, all sessions
         self._starved: set[Session] = set()  # waiting for room in the inbox total
         self._foreground: set[Session] = set()  # light sessions with input to handle
-        self._foreground_idle = asyncio.Event()
-        self._foreground_idle.set()
         self._background = asyncio.Lock()  # one background slice at a time
         self._warned: set[str] = set()
         self._accepting: list[asyncio.Task[None]] = []
@@ -531,17 +529,15 @@ class MonitorServer:
     def _session_done(self, session: Session, _task: asyncio.Task[None]) -> None:
         self.sessions.discard(session)
         self._starved.discard(session)
+        self._foreground.discard(session)
         self._pending_total -= self._pending_input.pop(session, 0)
         self._session_ended.set()
 
     def foreground_busy(self, session: Session) -> None:
         self._foreground.add(session)
-        self._foreground_idle.clear()
 
     def foreground_done(self, session: Session) -> None:
         self._foreground.discard(session)
-        if not self._foreground:
-            self._foreground_idle.set()
 
     @contextlib.asynccontextmanager
     async def background_turn(self) -> AsyncIterator[None]:
@@ -552,7 +548,7 @@ class MonitorServer:
         async with self._background:
             for _turn in range(BACKGROUND_PATIENCE):
                 await asyncio.sleep(0)  # a reply just sent: let its client's next read in
-                if self._foreground_idle.is_set():
+                if not self._foreground:
                     break
             yield
 
