@@ -464,15 +464,17 @@ class MonitorServer:
             try:
                 sock, addr = await loop.sock_accept(listener)
             except OSError as err:
-                if not failing:
-                    log.warning("accept failed: %s; waiting for descriptors to be freed", err)
+                if not failing:  # a warning the first time, then debug: clients come and go
+                    self.warn_once(
+                        "accept", "accept failed: %s; waiting for descriptors to be freed", err
+                    )
                 failing = True
                 self._session_ended.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._session_ended.wait(), 1.0)
                 continue
             if failing:
-                log.warning("accepting again")
+                self.warn_once("accepting", "accepting again")
                 failing = False
             self.adopt_connection(sock, str(addr) or "unix", greeted=False)
 

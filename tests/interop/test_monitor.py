@@ -157,6 +157,32 @@ async def test_arguments_are_checked_before_any_effect(qmpvm: QmpvmProcess) -> N
             {"kernel": "/nonexistent/vmlinuz"},
             "'/nonexistent/vmlinuz' cannot be opened: No such file",
         ),
+        # issue 7: host programs and files the engine would touch on a client's word
+        (
+            "netdev_add",
+            {"type": "tap", "id": "t9", "ifname": "tap9"},
+            "would have the engine run tap script /etc/qemu-ifup on the host",
+        ),
+        (
+            "machine-set",
+            {"incoming": "exec:touch /tmp/qmpvm-never"},
+            "--allow-host-programs",
+        ),
+        (
+            "chardev-add",
+            {
+                "id": "s9",
+                "backend": {
+                    "type": "socket",
+                    "data": {
+                        "addr": {"type": "unix", "data": {"path": "/etc/passwd"}},
+                        "server": True,
+                    },
+                },
+            },
+            "chardev socket path '/etc/passwd' exists and is not a socket",
+        ),
+        ("blockdev-add", {"driver": "null-co", "node-name": "1st"}, "expects an identifier"),
         ("no-such-command", None, "The command no-such-command has not been found"),
         ("cont", None, "needs a machine: run machine-init first"),
     ]
