@@ -187,12 +187,7 @@ def start_to_greeting(argv: list[str], sock: Path, timeout: float = 30.0) -> flo
         conn = _connect_when_listening(process, argv, sock, started + timeout)
         with conn:
             conn.settimeout(timeout)
-            data = b""
-            while b"\n" not in data:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    raise RuntimeError(f"{argv[0]}: connection closed before the greeting")
-                data += chunk
+            data = _recv_line(conn, bytearray(), argv[0])
             elapsed = time.perf_counter() - started
         if b'"QMP"' not in data:
             raise RuntimeError(f"{argv[0]}: not a QMP greeting: {data[:200]!r}")

@@ -31,6 +31,10 @@ class PassedFd:
     owner: int
     opaque: str | None = None
 
+    def seen_by(self, owner: int) -> bool:
+        """The connection ``owner`` passed it, or the configuration holds it."""
+        return self.owner in (owner, MACHINE)
+
 
 class FdRegistry:
     def __init__(self) -> None:
@@ -48,7 +52,7 @@ class FdRegistry:
 
     def closefd(self, name: str, in_use: Collection[str], owner: int) -> None:
         entry = self.named.get(name)
-        if entry is None or entry.owner not in (owner, MACHINE):
+        if entry is None or not entry.seen_by(owner):
             raise ConfigError(f"File descriptor named '{name}' not found")  # QEMU: GenericError
         if name in in_use:
             raise ConfigError(f"File descriptor named '{name}' is in use by the configuration")
@@ -57,14 +61,14 @@ class FdRegistry:
     def add_fd(self, fd: int, owner: int, fdset_id: int | None, opaque: str | None) -> int:
         if fdset_id is None:
             fdset_id = max(self.fdsets, default=-1) + 1
-        elif any(e.owner not in (owner, MACHINE) for e in self.fdsets.get(fdset_id, ())):
+        elif not all(e.seen_by(owner) for e in self.fdsets.get(fdset_id, ())):
             _close(fd)
             raise ConfigError(f"fdset {fdset_id} belongs to another connection")
         self.fdsets.setdefault(fdset_id, []).append(PassedFd(fd=fd, owner=owner, opaque=opaque))
         return fdset_id
 
     def remove_fd(self, fdset_id: int, fd: int | None, in_use: Collection[int], owner: int) -> None:
-        entries = [e for e in self.fdsets.get(fdset_id, ()) if e.owner in (owner, MACHINE)]
+        entries = [e for e in self.fdsets.get(fdset_id, ()) if e.seen_by(owner)]
         if not entries or (fd is not None and all(e.fd != fd for e in entries)):
             what = f"fdset-id={fdset_id}" + (f", fd={fd}" if fd is not None else "")
             raise ConfigError(f"File descriptor named '{what}' not found")
@@ -82,7 +86,7 @@ class FdRegistry:
         for fdset_id, entries in sorted(self.fdsets.items()):
             fds: list[dict[str, object]] = []
             for e in entries:
-                if e.owner not in (owner, MACHINE) and fdset_id not in in_use:
+                if not e.seen_by(owner) and fdset_id not in in_use:
                     continue
                 item: dict[str, object] = {"fd": e.fd}
                 if e.opaque is not None:

@@ -13,12 +13,11 @@ false), a ``-chardev socket`` without ``server`` connects, and one with
 
 from __future__ import annotations
 
-import os
-import stat
 import typing
 from collections.abc import Iterator, Mapping
 
 from qmpvm.errors import ArgumentError
+from qmpvm.monitor.early import socket_path_free
 
 COMMON = (("logfile", "logfile"), ("logappend", "logappend"))
 
@@ -164,13 +163,7 @@ def _check_replaceable(where: Mapping[str, object]) -> None:
     """The engine unlinks whatever is at a listening socket's path: only a stale
     socket may be there, never a file a client names by mistake or on purpose."""
     path = where.get("path")
-    if not isinstance(path, str) or where.get("abstract"):
-        return
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return
-    if not stat.S_ISSOCK(mode):
+    if isinstance(path, str) and not where.get("abstract") and not socket_path_free(path):
         raise ArgumentError(f"chardev socket path '{path}' exists and is not a socket")
 
 

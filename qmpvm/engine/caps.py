@@ -565,27 +565,23 @@ class _CachedProperties(Mapping[str, Properties | None]):
         return len(self._raw)
 
 
+_ESCAPES = (("%", "%25"), (",", "%2C"), ("=", "%3D"), ('"', "%22"), ("\\", "%5C"))
+"""Escaped in this order ('%' first) and unescaped in the reverse ("%25" last):
+every '%' then starts an escape, and no replacement makes another."""
+
+
 def _escape(text: str) -> str:
-    return (
-        text.replace("%", "%25")
-        .replace(",", "%2C")
-        .replace("=", "%3D")
-        .replace('"', "%22")
-        .replace("\\", "%5C")
-    )
+    for plain, escaped in _ESCAPES:
+        text = text.replace(plain, escaped)
+    return text
 
 
 def _unescape(text: str) -> str:
     if "%" not in text:
         return text
-    # Every '%' starts an escape, and the others add none: so "%25" goes last.
-    return (
-        text.replace("%2C", ",")
-        .replace("%3D", "=")
-        .replace("%22", '"')
-        .replace("%5C", "\\")
-        .replace("%25", "%")
-    )
+    for plain, escaped in reversed(_ESCAPES):
+        text = text.replace(escaped, plain)
+    return text
 
 
 _K = TypeVar("_K")

@@ -176,12 +176,17 @@ def bind(listener: Listener) -> _socket.socket:
     return sock
 
 
-def _bind_unix(path: str) -> _socket.socket:
+def socket_path_free(path: str) -> bool:
+    """Whether a listening socket may take ``path``: nothing is there, or a
+    (stale) socket is; binding replaces it, and must never replace a file."""
     try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        mode = stat.S_IFSOCK
-    if not stat.S_ISSOCK(mode):
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return True  # nothing there (or nothing to see: binding says why)
+
+
+def _bind_unix(path: str) -> _socket.socket:
+    if not socket_path_free(path):
         raise OSError(f"{path} exists and is not a socket")
     staging = f"{path}.{os.getpid()}.tmp"
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
