@@ -227,7 +227,7 @@ class LibvirtEnv:
                 self.virtlogd_pid = int((self.root / "virtlogd.pid").read_text())
                 self.libvirtd_pid = int((self.root / "libvirtd.pid").read_text())
                 if self.socket.exists():
-                    check = self.virsh("version", check=False, timeout=10)
+                    check = self.virsh("version", check=False, timeout=60)
                     if check.returncode == 0:
                         self._namespace = os.readlink(f"/proc/{self.libvirtd_pid}/ns/mnt")
                         return
