@@ -13,9 +13,10 @@ a check and a commit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from qmpvm.config.descriptors import fd_names, fdset_ids
@@ -55,6 +56,8 @@ class Vmm:
         self.machine: EngineMachine | None = None
         self.status = "prelaunch"
         self.last_exit: dict[str, object] | None = None
+        self.last_migration: dict[str, object] | None = None  # query-migrate once it is gone
+        self.background: set[asyncio.Task[None]] = set()  # work a command started
         self.quit_requested = quit_requested or asyncio.Event()
         self._sinks: list[EventSink] = []
         self._caps_task: asyncio.Task[Capabilities | None] | None = None
@@ -71,6 +74,25 @@ class Vmm:
 
     def add_sink(self, sink: EventSink) -> None:
         self._sinks.append(sink)
+
+    @contextlib.contextmanager
+    def watching(
+        self, match: Callable[[dict[str, object]], bool]
+    ) -> Iterator[asyncio.Future[dict[str, object]]]:
+        """A future for the first event ``match`` accepts from now on: enter
+        before the command that causes it, so the event cannot slip past."""
+        found: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+
+        def sink(message: dict[str, object]) -> None:
+            if not found.done() and match(message):
+                found.set_result(message)
+
+        self._sinks.append(sink)
+        try:
+            yield found
+        finally:
+            self._sinks.remove(sink)
+            found.cancel()
 
     def emit(self, name: str, data: Mapping[str, object] | None = None) -> None:
         """Our own event, stamped now."""
@@ -166,17 +188,20 @@ class Vmm:
             raise EngineError("There is no machine: run machine-init first")
         return self.machine
 
-    async def init_machine(self) -> None:
+    async def init_machine(self, config: Config | None = None, *, incoming: bool = False) -> None:
+        """Start the engine on ``config`` (the committed one by default);
+        ``incoming``: to load its state from a migration stream, not boot."""
         from qmpvm.engine.machine import EngineMachine
 
         caps = await self.capabilities()
-        self.status = "prelaunch"
+        self.status = "inmigrate" if incoming else "prelaunch"
         self.last_exit = None
         self.machine = await EngineMachine.start(
-            self.config,
+            config or self.config,
             self.fds,
             caps,
             self.settings,
+            incoming=incoming,
             on_event=self.relay,
             on_exit=self._engine_exited,
         )
@@ -190,7 +215,7 @@ class Vmm:
         log.info("engine exited: %s", info)
         self.emit("ENGINE_EXIT", info)
 
-    async def stop_engine(self, *, by_signal: bool = False) -> None:
+    async def stop_engine(self, *, by_signal: bool = False, kill: bool = False) -> None:
         machine = self.machine
         if machine is not None:
-            await machine.stop(by_signal=by_signal)
+            await machine.stop(by_signal=by_signal, kill=kill)

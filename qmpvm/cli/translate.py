@@ -77,6 +77,7 @@ class Options:
     schema: Schema | None = None  # and their schema checker, if typing built it
     start: Start = Start.RUN
     state_dir: str | None = None
+    restore: str | None = None  # a snapshot directory the machine is built from
     config_file: str | None = None
     pidfile: str | None = None
     daemonize: bool = False
@@ -91,6 +92,9 @@ class Options:
 
     def machine_commands(self) -> list[dict[str, object]]:
         """The option commands plus creation, as the start mode asks."""
+        if self.restore is not None:
+            restore = {"dir": self.restore, "paused": self.start is Start.PAUSED}
+            return [{"execute": "machine-restore", "arguments": restore}]
         tail: list[dict[str, object]] = []
         if self.start is not Start.PRECONFIG:
             tail.append({"execute": "machine-init"})
@@ -513,6 +517,12 @@ class Translator:
             self.settings.setdefault("hotplug-ports", 0)
             if self.defaults:
                 self.settings["defaults"] = True
+        if opts.restore is not None:
+            if opts.start is Start.PRECONFIG:
+                self.fail("--restore builds the machine: it cannot wait for machine-init")
+            if self.settings or resources or self.boot:
+                self.fail("--restore takes the machine from the snapshot: give no machine options")
+            return opts
         if self.settings:
             opts.commands.append(_cmd("machine-set", self.settings))
         if self.boot:
@@ -631,7 +641,7 @@ _READCONFIG_OPTIONS = {
 }  # fmt: skip
 """``-readconfig`` groups -> the option each section stands for (QEMU's names)."""
 _PROCESS_FIELDS = {
-    "-state-dir": "state_dir", "-config": "config_file", "-engine": "engine",
+    "-state-dir": "state_dir", "-restore": "restore", "-config": "config_file", "-engine": "engine",
     "-pidfile": "pidfile", "-daemonize": "daemonize", "-print-qmp": "print_qmp",
     "-v": "verbosity", "-verbose": "verbosity", "-allow-host-programs": "allow_host_programs",
     "-allow-insecure-tcp": "allow_insecure_tcp",
@@ -679,6 +689,7 @@ OPTIONS: dict[str, Option] = {
     "-S": Option(T.start_mode, False, "create the machine, do not start it"),
     "-preconfig": Option(T.start_mode, False, "do not create the machine until machine-init"),
     "-state-dir": Option(T.process, True, "DIR: keep the configuration in DIR"),
+    "-restore": Option(T.process, True, "DIR: build the machine from a machine-snapshot"),
     "-config": Option(T.process, True, "FILE: replay QMP commands from FILE"),
     "-engine": Option(T.process, True, "PATH: the QEMU binary"),
     "-pidfile": Option(T.process, True, "FILE: write qmpvm's pid to FILE"),

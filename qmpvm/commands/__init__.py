@@ -13,6 +13,7 @@ from qmpvm.commands import (  # noqa: F401
     resources,
     runstate,
     session,
+    state,
 )
 from qmpvm.commands.common import REGISTRY
 

@@ -114,11 +114,14 @@ async def query_machine(call: Call) -> object:
     vmm = call.vmm
     reply: dict[str, object] = {"phase": str(vmm.phase), **vmm.config.describe()}
     if vmm.machine is not None:
-        reply["engine"] = {
+        engine: dict[str, object] = {
             "pid": vmm.machine.pid,
             "accel": vmm.machine.accel,
             "hotplug-ports": list(vmm.machine.hotplug_ports),
         }
+        if vmm.machine.memory_from is not None:  # a fast restore's RAM, copy-on-write
+            engine["memory-from"] = vmm.machine.memory_from
+        reply["engine"] = engine
     if vmm.last_exit is not None:
         reply["last-exit"] = vmm.last_exit
     return reply

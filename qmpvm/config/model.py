@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from qmpvm.config import kinds
@@ -124,6 +124,34 @@ class Config:
         for name, up in sorted(self.links.items()):
             commands.append({"execute": "set_link", "arguments": {"name": name, "up": up}})
         return commands
+
+    @classmethod
+    def from_commands(cls, commands: Sequence[object]) -> Config:
+        """The configuration ``export`` wrote, rebuilt in one piece (a snapshot's,
+        replaced in one transaction); the first command that does not apply
+        raises, naming it."""
+        config = cls()
+        adds = {spec.add: kind for kind, spec in KINDS.items()}
+        for number, command in enumerate(commands, 1):
+            if not isinstance(command, Mapping) or not isinstance(command.get("execute"), str):
+                raise ConfigError(f"command {number} is not a QMP command")
+            name, args = command["execute"], command.get("arguments", {})
+            try:
+                if not isinstance(args, Mapping):
+                    raise ConfigError("its arguments are not an object")
+                if name == "machine-set":
+                    config = config.set_machine(args)
+                elif name == "boot-set":
+                    config = config.set_boot(BootSet(**args))
+                elif name == "set_link":
+                    config = config.set_link(str(args["name"]), bool(args["up"]))
+                elif name in adds:
+                    config = config.add(kinds.make(adds[name], args, config.next_seq))
+                else:
+                    raise ConfigError("it is not a configuration command")
+            except _UNLOADABLE as err:
+                raise ConfigError(f"command {number} ({name}) does not apply: {_why(err)}") from err
+        return config
 
     # -- persistence -----------------------------------------------------
 

@@ -33,6 +33,8 @@ HOTPLUG_PORT_PREFIX = "qmpvm-hp"
 # ports so that hot-plugged PCI devices have somewhere to go (as libvirt does).
 PCIE_MACHINES = ("q35", "pc-q35")
 NO_HOTPLUG_MACHINES = ("microvm",)
+STATE_SOURCES = ("incoming", "loadvm")
+"""Settings that say where the machine's state comes from: a restore says it."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,10 +64,13 @@ def build_launch(
     link_fd: int,
     named_fds: Mapping[str, int],
     fdsets: Mapping[int, list[int]],
+    incoming: bool = False,
 ) -> LaunchPlan:
-    """The engine's argv and the descriptors it inherits."""
+    """The engine's argv and the descriptors it inherits; ``incoming``: it
+    waits for its state (``migrate-incoming``) instead of booting, whatever
+    ``incoming``/``loadvm`` the configuration names."""
     machine = config.machine
-    argv = [binary, *machine_options(machine, accel)]
+    argv = [binary, *machine_options(machine, accel, incoming=incoming)]
     boot = config.boot
     for option, value in (("-kernel", boot.kernel), ("-initrd", boot.initrd),
                           ("-append", boot.append)):  # fmt: skip
@@ -102,9 +107,11 @@ def build_launch(
     )
 
 
-def machine_options(machine: MachineConfig, accel: str) -> list[str]:
+def machine_options(machine: MachineConfig, accel: str, *, incoming: bool = False) -> list[str]:
     """The options for the machine's own settings, in the settings table's order."""
     argv = [] if machine.get("defaults") else ["-nodefaults"]
+    if incoming:
+        argv += ["-incoming", "defer"]
     argv += ["-no-user-config", "-S"]
     if machine.get("display") is None:
         argv += ["-display", "none"]
@@ -129,6 +136,8 @@ def machine_options(machine: MachineConfig, accel: str) -> list[str]:
     for setting in SETTINGS.values():
         value = machine.get(setting.name)
         if setting.option is None or value is None or value is False:
+            continue
+        if incoming and setting.name in STATE_SOURCES:
             continue
         if setting.shape == "bool":
             argv.append(setting.option)

@@ -65,6 +65,8 @@ class EngineMachine:
         self._on_exit = on_exit
         self.saw_shutdown = False
         self.stopping = False
+        self.final_status: str | None = None  # the status once it is gone, if not its own
+        self.memory_from: str | None = None  # a snapshot whose RAM it maps copy-on-write
         self._supervisor: asyncio.Task[None] | None = None
 
     @property
@@ -79,6 +81,7 @@ class EngineMachine:
         caps: Capabilities | None,
         settings: EngineSettings,
         *,
+        incoming: bool = False,
         on_event: Callable[[dict[str, object]], None],
         on_exit: Callable[[EngineMachine, dict[str, object]], None],
     ) -> EngineMachine:
@@ -97,6 +100,7 @@ class EngineMachine:
                 link_fd=theirs.fileno(),
                 named_fds={name: entry.fd for name, entry in fds.named.items()},
                 fdsets={i: [e.fd for e in entries] for i, entries in fds.fdsets.items()},
+                incoming=incoming,
             )
         except BaseException:
             ours.close()
@@ -179,13 +183,17 @@ class EngineMachine:
             await asyncio.wait_for(asyncio.shield(self._supervisor), QUERY_TIMEOUT)
         return self._supervisor.done()
 
-    async def stop(self, *, by_signal: bool = False) -> None:
+    async def stop(self, *, by_signal: bool = False, kill: bool = False) -> None:
         """Ask the engine to quit (``by_signal``: with SIGTERM, so that its
         clients hear SHUTDOWN "host-signal", as when QEMU itself gets one);
-        kill it if it does not."""
+        kill it if it does not.  ``kill``: at once, with no clean-up of its own
+        (after a migration to this host, the socket files it would remove are
+        the destination's)."""
         self.stopping = True
         if self.process.returncode is None:
-            if by_signal:
+            if kill:
+                await _kill(self.process)
+            elif by_signal:
                 with contextlib.suppress(ProcessLookupError):
                     self.process.send_signal(signal.SIGTERM)
             else:
@@ -207,7 +215,7 @@ class EngineMachine:
             await asyncio.wait_for(stderr_task, 2)
         clean = code == 0 and (self.saw_shutdown or self.stopping)
         info: dict[str, object] = {
-            "status": "shutdown" if clean else "internal-error",
+            "status": self.final_status or ("shutdown" if clean else "internal-error"),
             "exit-code": code if code >= 0 else None,
             "signal": signal.Signals(-code).name if code < 0 else None,
             "reason": _exit_reason(code, self.saw_shutdown, self.stopping),
