@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qmpvm.errors import StoreError
+from qmpvm.errors import EngineError, StoreError
 from qmpvm.monitor.client import Client
 from qmpvm.monitor.early import EarlyMonitor, Listener, greeting_line
 from qmpvm.monitor.protocol import Request
@@ -88,6 +88,7 @@ class ControlPlane:
                 capabilities=options.capabilities,
                 schema=options.schema,
                 allow_host_programs=options.allow_host_programs,
+                state_dir=state_dir,
             ),
             hooks=REGISTRY.hooks,
             quit_requested=quit_requested,
@@ -181,6 +182,14 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal, sig)
+    keep: list[bool] = []  # SIGUSR1: exit, leaving the machine to the next qmpvm
+
+    def on_keep() -> None:
+        keep.append(True)
+        stop.set()
+
+    if options.state_dir:
+        loop.add_signal_handler(signal.SIGUSR1, on_keep)
     try:
         vmm = await plane.load(options, stop)
     except StoreError as err:
@@ -194,14 +203,26 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
     before = vmm.config
     if options.pidfile:
         _write_pidfile(options.pidfile)
+    taken_over = False
     try:
-        if options.config_file:
-            await replay(plane, read_config_file(options.config_file), "--config")
-        adopt_inherited_fds(vmm, options)
-        await replay(plane, options.machine_commands(), "command line")
+        try:
+            taken_over = await vmm.reattach()
+        except EngineError as err:
+            raise StartupError(f"state directory {options.state_dir}: {err.desc}") from err
+        if taken_over:
+            _check_takeover(vmm, options)
+            adopt_inherited_fds(vmm, options)
+        else:
+            if options.config_file:
+                await replay(plane, read_config_file(options.config_file), "--config")
+            adopt_inherited_fds(vmm, options)
+            await replay(plane, options.machine_commands(), "command line")
     except StartupError as err:
         print(f"qmpvm: {err}", file=sys.stderr)
-        await vmm.stop_engine()
+        if taken_over:
+            await vmm.let_go_engine()  # the guest runs on, for a qmpvm started right
+        else:
+            await vmm.stop_engine()
         vmm.commit(before)
         await server.close()
         store.close()
@@ -214,12 +235,26 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
     if options.ready_fd is not None:
         _report_ready(options.ready_fd)
     await _wait_for_end(vmm, has_listeners=bool(options.listeners))
-    log.info("shutting down")
-    await vmm.stop_engine(by_signal=bool(signalled))
+    if (keep or vmm.keep_machine) and vmm.machine is not None:
+        log.info("exiting; the engine (pid %d) runs on for the next qmpvm", vmm.machine.pid)
+        await vmm.let_go_engine()
+    else:
+        log.info("shutting down")
+        await vmm.stop_engine(by_signal=bool(signalled))
     await server.close()
     vmm.fds.close_all()
     store.close()
     return _exit_status(vmm, has_listeners=bool(options.listeners))
+
+
+def _check_takeover(vmm: Vmm, options: Options) -> None:
+    """With --state-dir, the machine an earlier qmpvm left running there is
+    taken over, not built again: the command line may not describe another."""
+    if options.commands or options.config_file or options.restore:
+        raise StartupError(
+            f"state directory {options.state_dir} has a running machine (engine pid "
+            f"{vmm.engine().pid}), which qmpvm took over: give no machine options"
+        )
 
 
 def adopt_inherited_fds(vmm: Vmm, options: Options) -> None:

@@ -8,6 +8,7 @@ with ``synchronous=FULL``, so a commit that returned is on disk and survives
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import sqlite3
@@ -42,6 +43,7 @@ class Store:
 
     def __init__(self, state_dir: Path | None = None) -> None:
         self.path = state_dir / DB_NAME if state_dir is not None else None
+        self._lock: int | None = None
         try:
             if state_dir is not None:
                 _create_private(state_dir, DB_NAME)
@@ -57,7 +59,8 @@ class Store:
                 "INSERT OR IGNORE INTO meta VALUES ('schema-version', ?)", (str(SCHEMA_VERSION),)
             )
             rows = self._db.execute("SELECT key, doc FROM documents").fetchall()
-            if self.path is not None:
+            if state_dir is not None and self.path is not None:  # usable: now it is ours
+                self._lock = _lock(state_dir)
                 self.path.chmod(0o600)  # SQLite gives its -wal and -shm files this mode
         except (OSError, sqlite3.Error) as err:
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
@@ -90,6 +93,29 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+LOCK_NAME = "lock"
+
+
+def _lock(state_dir: Path) -> int:
+    """One qmpvm per state directory: it owns the store and the engine there.
+    The lock (flock) goes with the process, however it ends."""
+    fd = os.open(state_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise StoreError(
+            f"state directory {state_dir} is in use by another qmpvm (pid {holder})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class _Transaction:

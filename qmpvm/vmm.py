@@ -59,6 +59,7 @@ class Vmm:
         self.last_migration: dict[str, object] | None = None  # query-migrate once it is gone
         self.background: set[asyncio.Task[None]] = set()  # work a command started
         self.quit_requested = quit_requested or asyncio.Event()
+        self.keep_machine = False  # on quit, leave the engine running (--state-dir)
         self._sinks: list[EventSink] = []
         self._caps_task: asyncio.Task[Capabilities | None] | None = None
         self._schema_task: asyncio.Task[Schema | None] | None = None
@@ -206,6 +207,42 @@ class Vmm:
             on_exit=self._engine_exited,
         )
 
+    async def reattach(self) -> bool:
+        """Take over the engine an earlier qmpvm left running in the state
+        directory (``--state-dir``); True if there was one.  One that exited
+        while no qmpvm watched is reported in ``last_exit``."""
+        state_dir = self.settings.state_dir
+        if state_dir is None:
+            return False
+        from qmpvm.engine import record
+        from qmpvm.engine.machine import EngineMachine, EngineStderr
+
+        left = record.EngineRecord.load(state_dir)
+        machine = await EngineMachine.attach(
+            state_dir, on_event=self.relay, on_exit=self._engine_exited
+        )
+        if machine is None:
+            if left is not None:
+                record.remove(state_dir)
+                self.status = "shutdown"
+                self.last_exit = {
+                    "status": "shutdown", "exit-code": None, "signal": None,
+                    "reason": f"the engine (pid {left.pid}) exited while no qmpvm watched it",
+                    "stderr": "\n".join(EngineStderr(state_dir / record.LOG).lines()),
+                }  # fmt: skip
+                log.warning("%s", self.last_exit["reason"])
+            return False
+        self.machine = machine
+        await _find_port_users(machine)
+        log.info("took over the engine (pid %d) left running in %s", machine.pid, state_dir)
+        return True
+
+    async def let_go_engine(self) -> None:
+        """Leave the engine running for the next qmpvm on this state directory."""
+        machine = self.machine
+        if machine is not None:
+            await machine.let_go()
+
     def _engine_exited(self, machine: EngineMachine, info: dict[str, object]) -> None:
         if self.machine is not machine:
             return
@@ -219,3 +256,15 @@ class Vmm:
         machine = self.machine
         if machine is not None:
             await machine.stop(by_signal=by_signal, kill=kill)
+
+
+async def _find_port_users(machine: EngineMachine) -> None:
+    """Which hot-plug ports hold a device: asked of an engine taken over."""
+    buses = await machine.execute("query-pci", {})
+    for bus in buses if isinstance(buses, list) else []:
+        for device in bus.get("devices", []):
+            port = device.get("qdev_id")
+            bridge = device.get("pci_bridge") or {}
+            below = bridge.get("devices") or []
+            if port in machine.hotplug_ports and below:
+                machine.port_users[port] = str(below[0].get("qdev_id") or "(no id)")

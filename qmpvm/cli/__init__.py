@@ -45,6 +45,9 @@ usage: qmpvm [options]
        qmpvm image build [DIR]            build the test/demo guest
        qmpvm console SOCKET [--chardev ID] attach a terminal to a socket chardev
        qmpvm qmp SOCKET COMMAND [JSON]    run one QMP command and print the reply
+       qmpvm snapshot SOCKET DIR [--live] [--stop]
+                                          snapshot the machine, showing progress
+       qmpvm migrate SOCKET URI           migrate the machine, showing progress
        qmpvm demo                         boot a guest configured over QMP
 
 The monitor comes up first; every machine option is a QMP command
@@ -53,12 +56,13 @@ created and started.  Options are QEMU 7.2's (one or two dashes):
 
 """
 
-SUBCOMMANDS = ("image", "console", "qmp", "demo")
+SUBCOMMANDS = ("image", "console", "qmp", "demo", "snapshot", "migrate")
 _PLAIN = {
     "-qmp",
     "-S",
     "-preconfig",
     "-state-dir",
+    "-restore",
     "-config",
     "-engine",
     "-v",
@@ -169,6 +173,10 @@ def _subcommand(name: str, argv: list[str]) -> int:
         from qmpvm.tools.demo import main as demo_main
 
         return demo_main(argv)
+    if name in ("snapshot", "migrate"):
+        from qmpvm.tools.progress import migrate_main, snapshot_main
+
+        return snapshot_main(argv) if name == "snapshot" else migrate_main(argv)
     from qmpvm.tools.client import console_main, qmp_main
 
     return console_main(argv) if name == "console" else qmp_main(argv)

@@ -688,7 +688,9 @@ OPTIONS: dict[str, Option] = {
     "-monitor": Option(T.monitor, True, "none (HMP monitors are not offered)"),
     "-S": Option(T.start_mode, False, "create the machine, do not start it"),
     "-preconfig": Option(T.start_mode, False, "do not create the machine until machine-init"),
-    "-state-dir": Option(T.process, True, "DIR: keep the configuration in DIR"),
+    "-state-dir": Option(
+        T.process, True, "DIR: keep the configuration, and a machine that outlives qmpvm, in DIR"
+    ),
     "-restore": Option(T.process, True, "DIR: build the machine from a machine-snapshot"),
     "-config": Option(T.process, True, "FILE: replay QMP commands from FILE"),
     "-engine": Option(T.process, True, "PATH: the QEMU binary"),

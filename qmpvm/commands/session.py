@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from qmpvm import QEMU_VERSION, __version__
 from qmpvm.commands.common import REGISTRY
-from qmpvm.errors import CommandNotFoundError, EngineError
+from qmpvm.errors import CommandNotFoundError, ConfigError, EngineError
 from qmpvm.monitor.dispatch import ENGINE_ARGS, UNRECORDED, Call
 
 if TYPE_CHECKING:
@@ -132,7 +132,16 @@ async def config_export(call: Call) -> object:
     return call.vmm.config.export(diff=call.args.get("diff", True))
 
 
-@REGISTRY.command("quit")
+@REGISTRY.command("quit", args={"*keep-machine": "bool"})
 async def quit_(call: Call) -> object:
-    call.vmm.quit_requested.set()
+    """QEMU's quit; ``keep-machine``: qmpvm alone exits, the guest runs on, and
+    the next qmpvm on the same state directory takes it over."""
+    vmm = call.vmm
+    if call.args.get("keep-machine"):
+        if vmm.settings.state_dir is None:
+            raise ConfigError(
+                "keep-machine needs --state-dir: without one, no engine outlives qmpvm"
+            )
+        vmm.keep_machine = True
+    vmm.quit_requested.set()
     return {}

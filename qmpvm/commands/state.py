@@ -7,6 +7,7 @@ migration carries is the one the engine's state belongs to.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -69,11 +70,11 @@ async def machine_snapshot(call: Call) -> object:
     vmm = call.vmm
     directory = Path(call.args["dir"]).absolute()
     stop = bool(call.args.get("stop", False))
-    snap.check_target(directory)
     caps = await vmm.capabilities()
     if caps is None:
         raise ConfigError("snapshot refused: the engine's identity is unknown (no capabilities)")
-    async with vmm.change_lock:
+    async with vmm.change_lock:  # also one snapshot at a time: none writes over another
+        snap.check_target(directory)
         snap.refuse_passed_descriptors(vmm.config, "snapshot")
         memory, ignore_shared = snap.shared_memory(vmm.config)
         if vmm.engine().memory_from is not None:  # its RAM is private until it is rebuilt
@@ -144,10 +145,12 @@ def _finish(job: _SnapshotJob, figures: dict[str, object]) -> int:
     """Checksums, durability, and the manifest last: its presence means complete.
     Returns the snapshot's size in bytes."""
     files = {}
-    for path in job.written:
-        with path.open("rb") as stream:
-            os.fsync(stream.fileno())
-        files[str(path.relative_to(job.directory))] = snap.file_entry(path)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the disk flushes while we hash
+        synced = [pool.submit(_fsync, path) for path in job.written]
+        for path in job.written:
+            files[str(path.relative_to(job.directory))] = snap.file_entry(path)
+        for each in synced:
+            each.result()
     caps, config = job.caps, job.config
     engine = {"binary": caps.binary, "version": version_text(caps.version), "package": caps.package}
     manifest = snap.build_manifest(
@@ -173,6 +176,11 @@ def _finish(job: _SnapshotJob, figures: dict[str, object]) -> int:
     finally:
         os.close(dir_fd)
     return sum(int(str(entry["size"])) for entry in files.values())
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as stream:
+        os.fsync(stream.fileno())
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -456,6 +464,7 @@ async def _receive(
         async with asyncio.timeout(ACCEPT_TIMEOUT):
             conn, _peer = await loop.sock_accept(listener)
         listener.close()
+        cleanup()  # the socket file goes now: nothing is left if qmpvm dies meanwhile
         conn.setblocking(True)
         await transfer.receive(vmm, conn.fileno(), ignore_shared=False)
         await vmm.forward("cont", {})

@@ -65,10 +65,12 @@ def build_launch(
     named_fds: Mapping[str, int],
     fdsets: Mapping[int, list[int]],
     incoming: bool = False,
+    link_listens: bool = False,
 ) -> LaunchPlan:
     """The engine's argv and the descriptors it inherits; ``incoming``: it
     waits for its state (``migrate-incoming``) instead of booting, whatever
-    ``incoming``/``loadvm`` the configuration names."""
+    ``incoming``/``loadvm`` the configuration names; ``link_listens``: the
+    link descriptor is a listening socket, not a connected one."""
     machine = config.machine
     argv = [binary, *machine_options(machine, accel, incoming=incoming)]
     boot = config.boot
@@ -76,7 +78,9 @@ def build_launch(
                           ("-append", boot.append)):  # fmt: skip
         if value is not None:
             argv += [option, value]
-    argv += ["-chardev", f"socket,id={LINK_CHARDEV},fd={link_fd}"]
+    # a connected socket; or one listening, which a later qmpvm can connect to again
+    link = f"socket,id={LINK_CHARDEV},fd={link_fd}"
+    argv += ["-chardev", f"{link},server=on,wait=off" if link_listens else link]
     argv += ["-mon", f"chardev={LINK_CHARDEV},mode=control"]
     pass_fds = [link_fd]
     for fdset_id, fds in sorted(fdsets.items()):

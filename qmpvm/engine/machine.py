@@ -23,10 +23,12 @@ import signal
 import socket
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qmpvm.config.model import Config
 from qmpvm.engine import process as engine_process
+from qmpvm.engine import record
 from qmpvm.engine.launch import build_launch
 from qmpvm.engine.settings import EngineSettings
 from qmpvm.errors import EngineError
@@ -48,12 +50,12 @@ QUERY_TIMEOUT = float(os.environ.get("QMPVM_QUERY_TIMEOUT", "30"))
 class EngineMachine:
     def __init__(
         self,
-        process: asyncio.subprocess.Process,
+        process: engine_process.EngineProcess,
         link: EngineLink,
         *,
         accel: str,
         hotplug_ports: Sequence[str],
-        stderr: deque[str],
+        stderr: EngineStderr,
         on_exit: Callable[[EngineMachine, dict[str, object]], None],
     ) -> None:
         self.process = process
@@ -67,6 +69,8 @@ class EngineMachine:
         self.stopping = False
         self.final_status: str | None = None  # the status once it is gone, if not its own
         self.memory_from: str | None = None  # a snapshot whose RAM it maps copy-on-write
+        self.state_dir: Path | None = None  # where its record is kept, if it outlives qmpvm
+        self.let_go_of = False
         self._supervisor: asyncio.Task[None] | None = None
 
     @property
@@ -85,13 +89,16 @@ class EngineMachine:
         on_event: Callable[[dict[str, object]], None],
         on_exit: Callable[[EngineMachine, dict[str, object]], None],
     ) -> EngineMachine:
-        try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as err:  # e.g. out of descriptors: the client's error, not ours
-            raise EngineError(f"cannot start the engine: {err.strerror}") from err
+        """Launch the engine; with ``settings.state_dir`` one that outlives qmpvm,
+        its monitor listening in the state directory for whichever qmpvm comes."""
         from qmpvm.engine.host import choose_accel  # looks at the host: only when needed
 
         accel = choose_accel(config.machine.accel, runs_guest_code=config.machine.type != "none")
+        keep = settings.state_dir
+        try:
+            ours, theirs = _link_sockets(keep)
+        except OSError as err:  # e.g. out of descriptors: the client's error, not ours
+            raise EngineError(f"cannot start the engine: {err.strerror}") from err
         try:
             plan = build_launch(
                 config,
@@ -101,26 +108,22 @@ class EngineMachine:
                 named_fds={name: entry.fd for name, entry in fds.named.items()},
                 fdsets={i: [e.fd for e in entries] for i, entries in fds.fdsets.items()},
                 incoming=incoming,
+                link_listens=keep is not None,
             )
         except BaseException:
             ours.close()
             theirs.close()
             raise
         log.info("launching engine: %s", " ".join(plan.argv))
+        stderr = EngineStderr(keep / record.LOG if keep else None)
         try:
-            process = await engine_process.start(
-                plan.argv,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=plan.pass_fds,
-            )
+            process = await _launch(plan.argv, plan.pass_fds, stderr)
         except OSError as err:
             ours.close()
             raise EngineError(f"cannot start the engine '{plan.argv[0]}': {err}") from err
         finally:
             theirs.close()
-        stderr: deque[str] = deque(maxlen=STDERR_LINES)
-        stderr_task = asyncio.get_running_loop().create_task(_collect(process, stderr))
+        stderr_task = asyncio.get_running_loop().create_task(stderr.collect(process))
         machine: EngineMachine | None = None
 
         def deliver(message: dict[str, object]) -> None:
@@ -132,6 +135,8 @@ class EngineMachine:
         from qmpvm.engine.link import EngineLink
 
         try:
+            if keep is not None:
+                await asyncio.get_running_loop().sock_connect(ours, str(keep / record.SOCKET))
             link = await EngineLink.open(ours, on_event=deliver, timeout=START_TIMEOUT)
             machine = cls(
                 process,
@@ -147,11 +152,91 @@ class EngineMachine:
             await _kill(process)
             await asyncio.wait_for(stderr_task, 2)
             ours.close()
-            raise EngineError(_failure_text(err, stderr)) from err
+            raise EngineError(_failure_text(err, stderr.lines())) from err
+        machine.state_dir = keep
+        machine.save_record()
         machine._supervisor = asyncio.get_running_loop().create_task(
             machine._supervise(stderr_task)
         )
         return machine
+
+    @classmethod
+    async def attach(
+        cls,
+        state_dir: Path,
+        *,
+        on_event: Callable[[dict[str, object]], None],
+        on_exit: Callable[[EngineMachine, dict[str, object]], None],
+    ) -> EngineMachine | None:
+        """The engine an earlier qmpvm left running in ``state_dir``, taken over;
+        None if there is none (its record is gone, or names a process that is
+        no longer it).  EngineError if it runs but does not answer."""
+        found = record.EngineRecord.load(state_dir)
+        if found is None or not found.is_running():
+            return None
+        try:
+            process = engine_process.WatchedProcess(found.pid)
+        except ProcessLookupError:
+            return None
+        machine: EngineMachine | None = None
+
+        def deliver(message: dict[str, object]) -> None:
+            if machine is not None:
+                machine._event(message)
+            on_event(message)
+
+        from qmpvm.engine.link import EngineLink
+
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, str(state_dir / record.SOCKET))
+            link = await EngineLink.open(sock, on_event=deliver, timeout=START_TIMEOUT)
+        except (EngineError, OSError) as err:
+            sock.close()
+            process.let_go()
+            said = f"the engine (pid {found.pid}) runs but does not answer: {err}"
+            raise EngineError(said) from err
+        stderr = EngineStderr(state_dir / record.LOG)
+        machine = cls(
+            process,
+            link,
+            accel=found.accel,
+            hotplug_ports=found.hotplug_ports,
+            stderr=stderr,
+            on_exit=on_exit,
+        )
+        machine.state_dir = state_dir
+        machine.memory_from = found.memory_from
+        machine._supervisor = asyncio.get_running_loop().create_task(
+            machine._supervise(asyncio.get_running_loop().create_task(stderr.collect(process)))
+        )
+        return machine
+
+    def save_record(self) -> None:
+        """What the next qmpvm needs to take this engine over (an outliving one)."""
+        if self.state_dir is None:
+            return
+        found = record.identity(self.pid)
+        if found is None:
+            return
+        record.EngineRecord(
+            pid=self.pid,
+            start_time=found[0],
+            executable=found[1],
+            accel=self.accel,
+            hotplug_ports=self.hotplug_ports,
+            memory_from=self.memory_from,
+        ).save(self.state_dir)
+
+    async def let_go(self) -> None:
+        """Leave the engine running for the next qmpvm: the link closes (the
+        engine's monitor listens again) and the record stays."""
+        self.let_go_of = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        await self.link.close()
+        if isinstance(self.process, engine_process.WatchedProcess):
+            self.process.let_go()
 
     def _event(self, message: dict[str, object]) -> None:
         if message.get("event") == "SHUTDOWN":
@@ -213,42 +298,109 @@ class EngineMachine:
         await self.link.close()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stderr_task, 2)
-        clean = code == 0 and (self.saw_shutdown or self.stopping)
+        if self.state_dir is not None:
+            record.remove(self.state_dir)
+        known = code is not None
+        clean = (code == 0 or not known) and (self.saw_shutdown or self.stopping)
         info: dict[str, object] = {
             "status": self.final_status or ("shutdown" if clean else "internal-error"),
-            "exit-code": code if code >= 0 else None,
-            "signal": signal.Signals(-code).name if code < 0 else None,
+            "exit-code": code if code is not None and code >= 0 else None,
+            "signal": signal.Signals(-code).name if code is not None and code < 0 else None,
             "reason": _exit_reason(code, self.saw_shutdown, self.stopping),
-            "stderr": "\n".join(self._stderr),
+            "stderr": "\n".join(self._stderr.lines()),
         }
         self._on_exit(self, info)
 
 
-def _exit_reason(code: int, saw_shutdown: bool, stopping: bool) -> str:
+class EngineStderr:
+    """What the engine wrote on stderr: read from a pipe into memory, or, for
+    an engine that outlives qmpvm, written to its log file and read from there."""
+
+    def __init__(self, log_path: Path | None) -> None:
+        self.log_path = log_path
+        self._lines: deque[str] = deque(maxlen=STDERR_LINES)
+
+    def target(self) -> int:
+        """The engine's stderr: the log file (opened afresh), or a pipe."""
+        if self.log_path is None:
+            return asyncio.subprocess.PIPE
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        return os.open(self.log_path, flags, 0o600)
+
+    async def collect(self, process: engine_process.EngineProcess) -> None:
+        stream = getattr(process, "stderr", None)
+        if self.log_path is not None or not isinstance(stream, asyncio.StreamReader):
+            return
+        async for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            log.info("engine: %s", line)
+            self._lines.append(line)
+
+    def lines(self) -> list[str]:
+        if self.log_path is None:
+            return list(self._lines)
+        try:
+            with self.log_path.open("rb") as stream:
+                stream.seek(max(0, stream.seek(0, os.SEEK_END) - 16384))
+                text = stream.read().decode(errors="replace")
+        except OSError:
+            return []
+        return text.splitlines()[-STDERR_LINES:]
+
+
+def _link_sockets(state_dir: Path | None) -> tuple[socket.socket, socket.socket]:
+    """(qmpvm's end, the engine's): a connected pair, or, for an engine that
+    outlives qmpvm, a socket to connect and one listening in ``state_dir``."""
+    if state_dir is None:
+        return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = state_dir / record.SOCKET
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # an engine's that is gone: the state directory is locked
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listening.bind(str(path))
+        listening.listen(4)
+        ours = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError:
+        listening.close()
+        raise
+    ours.setblocking(False)
+    return ours, listening
+
+
+async def _launch(
+    argv: Sequence[str], pass_fds: Sequence[int], stderr: EngineStderr
+) -> engine_process.EngineProcess:
+    target = stderr.target()
+    if stderr.log_path is None:
+        return await engine_process.start(
+            argv, stdout=asyncio.subprocess.DEVNULL, stderr=target, pass_fds=pass_fds
+        )
+    try:
+        child = engine_process.spawn_outliving(argv, stderr=target, pass_fds=pass_fds)
+    finally:
+        os.close(target)
+    return engine_process.WatchedProcess(child.pid, child)
+
+
+def _exit_reason(code: int | None, saw_shutdown: bool, stopping: bool) -> str:
     if stopping:
         return "stopped by qmpvm"
-    if saw_shutdown and code == 0:
+    if saw_shutdown and code in (0, None):
         return "guest shut down"
+    if code is None:
+        return "engine exited (started by an earlier qmpvm: its exit status is unknown)"
     if code < 0:
         return f"engine killed by {signal.Signals(-code).name}"
     return f"engine exited with status {code}"
 
 
-def _failure_text(err: Exception, stderr: deque[str]) -> str:
+def _failure_text(err: Exception, stderr: Sequence[str]) -> str:
     said = " ".join(line.strip() for line in stderr if line.strip())
     return f"machine-init failed: {said}" if said else f"machine-init failed: {err}"
 
 
-async def _collect(process: asyncio.subprocess.Process, lines: deque[str]) -> None:
-    if process.stderr is None:
-        return
-    async for raw in process.stderr:
-        line = raw.decode(errors="replace").rstrip()
-        log.info("engine: %s", line)
-        lines.append(line)
-
-
-async def _kill(process: asyncio.subprocess.Process) -> None:
+async def _kill(process: engine_process.EngineProcess) -> None:
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             process.kill()

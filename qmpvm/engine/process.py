@@ -1,4 +1,5 @@
-"""Starting engine processes that die with qmpvm, even when it is SIGKILLed.
+"""Starting engine processes that die with qmpvm, even when it is SIGKILLed,
+or that outlive it (``--state-dir``), and watching one a previous qmpvm started.
 
 Linux sends a child its parent-death signal (``PR_SET_PDEATHSIG``) when the
 thread that started it exits.  Setting that signal takes code run in the
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 SETPRIV = shutil.which("setpriv")
 """util-linux's setpriv, or None: then a ``preexec_fn`` sets the signal."""
@@ -32,7 +34,11 @@ _PR_SET_PDEATHSIG = 1
 
 
 async def start(
-    argv: Sequence[str], *, stdout: int, stderr: int, pass_fds: Sequence[int] = ()
+    argv: Sequence[str],
+    *,
+    stdout: int,
+    stderr: int,
+    pass_fds: Sequence[int] = (),
 ) -> asyncio.subprocess.Process:
     """Start ``argv``, stdin from /dev/null, to be SIGKILLed when qmpvm exits.
 
@@ -97,3 +103,92 @@ def die_with_parent() -> None:
     prctl = _prctl()
     if prctl is not None:
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class EngineProcess(Protocol):
+    """What ``EngineMachine`` uses of a process (``asyncio.subprocess.Process``
+    has it); ``wait`` gives None when the exit status cannot be known."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    async def wait(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+def spawn_outliving(
+    argv: Sequence[str], *, stderr: int, pass_fds: Sequence[int]
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` to run on after qmpvm (``--state-dir``): no parent-death
+    signal, a session of its own (a terminal's Ctrl-C to qmpvm's process
+    group does not reach it), and not an asyncio child, which asyncio would
+    kill when its transport is closed."""
+    return subprocess.Popen(
+        [_executable(argv[0]), *argv[1:]],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        pass_fds=pass_fds,
+        start_new_session=True,
+    )
+
+
+class WatchedProcess:
+    """A process watched through a pidfd: one ``spawn_outliving`` started
+    (``child``: reaped here, its status known), or one an earlier qmpvm
+    started (not our child: its exit status goes to its parent, unknown here)."""
+
+    def __init__(self, pid: int, child: subprocess.Popen[bytes] | None = None) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._child = child
+        self._pidfd = os.pidfd_open(pid)  # ProcessLookupError if it is gone already
+        self._loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[int | None] = self._loop.create_future()
+        self._loop.add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        self._release()
+        code: int | None = None
+        if self._child is not None:
+            try:
+                _pid, status = os.waitpid(self.pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+                self._child.returncode = code
+            except ChildProcessError:
+                pass
+        self.returncode = code if code is not None else UNKNOWN_EXIT
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    def _release(self) -> None:
+        if self._pidfd >= 0:
+            self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    async def wait(self) -> int | None:
+        return await asyncio.shield(self._exited)
+
+    def send_signal(self, sig: int) -> None:
+        if self._pidfd >= 0:
+            signal.pidfd_send_signal(self._pidfd, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def let_go(self) -> None:
+        """Stop watching: the process runs on for the next qmpvm."""
+        self._release()
+        if self._child is not None:
+            self._child.returncode = 0  # so Popen never waits for it
+
+
+UNKNOWN_EXIT = -256
+"""``returncode`` of a process that exited with a status this qmpvm cannot know."""

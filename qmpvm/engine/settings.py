@@ -18,3 +18,4 @@ class EngineSettings:
     capabilities: Capabilities | None = None  # already loaded (by the command line's typing)
     schema: Schema | None = None  # already built from them (likewise)
     allow_host_programs: bool = False  # exec: URIs, tap scripts, ... (qmpvm.config.programs)
+    state_dir: Path | None = None  # set: the engine outlives qmpvm, its record kept here

@@ -75,7 +75,7 @@ async def send(
         if isinstance(limit, int) and vmm.machine is not None:
             await vmm.forward("migrate-set-parameters", {"max-bandwidth": limit})
     if figures.get("status") != "completed":
-        raise EngineError(f"the engine's migration {figures.get('status')}: {_why(figures)}")
+        raise EngineError(f"the migration {figures.get('status')}: {_why(figures)}")
     return figures
 
 
@@ -97,13 +97,25 @@ async def receive(vmm: Vmm, fd: int, *, ignore_shared: bool) -> None:
 
 
 async def _figures(vmm: Vmm, event: Mapping[str, object]) -> dict[str, object]:
+    """``query-migrate`` once it has the final figures: QEMU 7.2 announces
+    "completed" a moment before it fills in total-time and downtime."""
     if event.get("event") == "ENGINE_EXIT":
         return {"status": "failed", "error-desc": "the engine exited"}
-    info = await vmm.forward("query-migrate", {})
-    return dict(info) if isinstance(info, dict) else {}
+    for _ in range(FIGURES_TRIES):
+        info = await vmm.forward("query-migrate", {})
+        figures = dict(info) if isinstance(info, dict) else {}
+        if figures.get("status") != "completed" or figures.get("total-time"):
+            return figures
+        await asyncio.sleep(0.005)
+    return figures
+
+
+FIGURES_TRIES = 200
 
 
 def _why(figures: Mapping[str, object]) -> str:
+    if figures.get("status") == "cancelled":
+        return "migrate_cancel was given"
     return str(figures.get("error-desc") or "no reason given")
 
 

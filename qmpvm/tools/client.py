@@ -13,7 +13,7 @@ import sys
 import termios
 import tty
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 DETACH = b"\x1d"  # Ctrl-]
 
@@ -56,7 +56,7 @@ def qmp_main(argv: list[str]) -> int:
             parser.error("arguments: must be a JSON object")
     try:
         return asyncio.run(_one_shot(opts.socket, opts.command, arguments))
-    except OSError as err:
+    except (OSError, ConnectError) as err:
         print(f"qmpvm qmp: {opts.socket}: {err}", file=sys.stderr)
         return 1
 
@@ -88,7 +88,11 @@ def console_main(argv: list[str]) -> int:
     parser.add_argument("socket", help="QMP socket path, or HOST:PORT")
     parser.add_argument("--chardev", default="ser0", help="socket chardev id (default ser0)")
     opts = parser.parse_args(argv)
-    path = asyncio.run(_chardev_path(opts.socket, opts.chardev))
+    try:
+        path = asyncio.run(_chardev_path(opts.socket, opts.chardev))
+    except (OSError, ConnectError) as err:
+        print(f"qmpvm console: {opts.socket}: {err}", file=sys.stderr)
+        return 1
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.connect(path)
         print(

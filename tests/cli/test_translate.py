@@ -248,6 +248,7 @@ SAMPLES: dict[str, str | None] = {
     "-daemonize": None, "-nodefaults": None, "-no-user-config": None,
     "-allow-host-programs": None, "-allow-insecure-tcp": None,
     "-state-dir": "/tmp/MARK", "-config": "/tmp/MARK", "-engine": "/tmp/MARK",
+    "-restore": None,  # takes no --preconfig: test_restore below
     "-pidfile": "/tmp/MARK", "-hotplug-ports": "17", "-add-fd": "fd=17,set=3",
     "-M": "pc,MARK=on", "-machine": "pc,MARK=on", "-accel": "tcg,MARK=1",
     "-enable-kvm": None, "-m": "17M", "-smp": "17", "-name": "MARK", "-cpu": "MARK,+MARK2",
@@ -291,6 +292,18 @@ def test_every_accepted_option_keeps_what_it_was_given() -> None:
         marker = "17" if "17" in value else "MARK"
         seen = json.dumps([result.commands, repr(result)])
         assert marker in seen, f"{option} {value} lost its value: {seen}"
+
+
+def test_restore_is_one_command_and_takes_no_machine_options() -> None:
+    assert parse_argv(["--restore", "/tmp/MARK"]).machine_commands() == [
+        {"execute": "machine-restore", "arguments": {"dir": "/tmp/MARK", "paused": False}}
+    ]
+    paused = parse_argv(["-S", "--restore", "/tmp/MARK", "--state-dir", "/tmp/s"])
+    assert paused.machine_commands()[0]["arguments"] == {"dir": "/tmp/MARK", "paused": True}
+    with pytest.raises(UsageError, match="cannot wait for machine-init"):
+        parse_argv(["--restore", "/tmp/MARK", "--preconfig"])
+    with pytest.raises(UsageError, match="give no machine options"):
+        parse_argv(["--restore", "/tmp/MARK", "-m", "1G"])
 
 
 def test_refused_options_say_why() -> None:

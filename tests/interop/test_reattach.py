@@ -1,0 +1,159 @@
+"""Restarting qmpvm without stopping the guest (``--state-dir``): the engine
+runs on when qmpvm dies or leaves, and the next qmpvm takes it over."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import QmpvmProcess, connect, next_event, pids_of, quit_and_disconnect, start_qmpvm
+from qemu.qmp import ExecuteError, QMPClient
+from test_engine import BOOT_TIMEOUT
+from test_machine_state import guest_options, start_ticker
+
+from qmpvm.engine.record import identity
+from qmpvm.images import READY_MARKER, GuestImage
+from qmpvm.tools.console import SocketConsole
+
+pytestmark = pytest.mark.usefixtures("guest")
+ROUNDS = 20
+
+
+async def drop(client: QMPClient) -> None:
+    with contextlib.suppress(EOFError, ConnectionError):
+        await client.disconnect()
+
+
+def restart(tmp: Path, state: Path, old: QmpvmProcess | None = None) -> QmpvmProcess:
+    """A new qmpvm on the same state directory and monitor path."""
+    if old is not None:
+        with contextlib.suppress(FileNotFoundError):
+            old.socket.unlink()  # left by a killed qmpvm: wait for the new one's
+    return start_qmpvm(tmp, state_dir=state)
+
+
+def wait_gone(pid: int) -> None:
+    """Until the process is gone (or a zombie), as far as a test waits."""
+    deadline = time.monotonic() + 30
+    while identity(pid) is not None:
+        assert time.monotonic() < deadline, f"process {pid} did not end"
+        time.sleep(0.01)
+
+
+async def test_kill9_of_qmpvm_never_stops_the_guest(tmp_path: Path, guest: GuestImage) -> None:
+    state = tmp_path / "state"
+    proc = start_qmpvm(tmp_path, *guest_options(guest, tmp_path), state_dir=state)
+    client = await connect(proc)
+    console = await SocketConsole.connect(str(tmp_path / "ttyS0.sock"))
+    await console.expect(READY_MARKER, BOOT_TIMEOUT)
+    token = await start_ticker(console)
+    engine = (await client.execute("query-machine"))["engine"]["pid"]
+    exported = await client.execute("config-export")
+    for round_ in range(ROUNDS):
+        await drop(client)
+        proc.process.kill()
+        proc.process.wait()
+        proc = restart(tmp_path, state, proc)
+        client = await connect(proc)
+        status = await client.execute("query-status")
+        assert (status["status"], status["phase"]) == ("running", "machine-ready"), round_
+        assert (await client.execute("query-machine"))["engine"]["pid"] == engine
+        assert await client.execute("config-export") == exported
+    # events flow again, from the engine taken over
+    await client.execute("stop")
+    await next_event(client, "STOP")
+    await client.execute("cont")
+    await next_event(client, "RESUME")
+    mark = len(console.transcript)
+    await console.expect(f"TICK {token} ", 30)
+    counters = [int(n) for n in re.findall(rf"TICK {token} (\d+)", console.transcript)]
+    assert counters == list(range(counters[0], counters[0] + len(counters))), (
+        "the counter went on without a gap or a restart"
+    )
+    assert len(console.transcript) > mark
+    assert pids_of("qemu-system-x86_64") & {engine} == {engine}
+    leftover = [p for p in pids_of("python3") | pids_of("python") if _qmpvm_on(p, state)]
+    assert leftover == [proc.pid], "no qmpvm left behind"
+    await console.close()
+    await quit_and_disconnect(client)
+    assert proc.process.wait(15) == 0
+    wait_gone(engine)
+    assert not (state / "engine.json").exists()
+
+
+def _qmpvm_on(pid: int, state: Path) -> bool:
+    try:
+        return str(state) in Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return False
+
+
+async def test_leaving_the_machine_running_and_taking_it_back(
+    tmp_path: Path, guest: GuestImage
+) -> None:
+    state = tmp_path / "state"
+    proc = start_qmpvm(tmp_path, *guest_options(guest, tmp_path), state_dir=state)
+    client = await connect(proc)
+    engine = (await client.execute("query-machine"))["engine"]["pid"]
+    exported = await client.execute("config-export")
+    # one qmpvm per state directory
+    other = subprocess.run(
+        [sys.executable, "-m", "qmpvm", "--preconfig", "--state-dir", str(state),
+         "-qmp", f"unix:{tmp_path / 'other.sock'},server=on,wait=off"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert other.returncode == 1
+    assert f"is in use by another qmpvm (pid {proc.pid})" in other.stderr
+    # quit keep-machine: qmpvm alone goes
+    await quit_and_disconnect_keeping(client)
+    assert proc.process.wait(15) == 0
+    assert identity(engine) is not None, "the engine runs on"
+    # a command line that describes a machine is refused, and the guest runs on
+    refused = subprocess.run(
+        [sys.executable, "-m", "qmpvm", "--state-dir", str(state),
+         "-qmp", f"unix:{tmp_path / 'other.sock'},server=on,wait=off",
+         *guest_options(guest, tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert "has a running machine" in refused.stderr
+    assert identity(engine) is not None
+    # taken back; then SIGUSR1 leaves it running too
+    proc = restart(tmp_path, state, proc)
+    client = await connect(proc)
+    assert (await client.execute("query-status"))["status"] == "running"
+    assert await client.execute("config-export") == exported
+    await drop(client)
+    proc.process.send_signal(signal.SIGUSR1)
+    assert proc.process.wait(15) == 0
+    assert identity(engine) is not None
+    # the engine dies while no qmpvm watches: the next one says so, the config stays
+    os.kill(engine, signal.SIGKILL)
+    wait_gone(engine)
+    proc = restart(tmp_path, state, proc)
+    client = await connect(proc)
+    machine = await client.execute("query-machine")
+    assert machine["phase"] == "no-machine"
+    assert "exited while no qmpvm watched it" in machine["last-exit"]["reason"]
+    assert await client.execute("config-export") == exported
+    await quit_and_disconnect(client)
+
+
+async def quit_and_disconnect_keeping(client: QMPClient) -> None:
+    await client.execute("quit", {"keep-machine": True})
+    await drop(client)
+
+
+async def test_without_a_state_directory_nothing_outlives_qmpvm(tmp_path: Path) -> None:
+    proc = start_qmpvm(tmp_path)
+    client = await connect(proc)
+    with pytest.raises(ExecuteError, match="keep-machine needs --state-dir"):
+        await client.execute("quit", {"keep-machine": True})
+    await quit_and_disconnect(client)
