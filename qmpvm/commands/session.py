@@ -121,6 +121,9 @@ async def query_machine(call: Call) -> object:
         }
         if vmm.machine.memory_from is not None:  # a fast restore's RAM, copy-on-write
             engine["memory-from"] = vmm.machine.memory_from
+        from qmpvm.engine.confinement import describe
+
+        engine["confinement"] = describe(vmm.machine.pid, vmm.config.machine.values)
         reply["engine"] = engine
     if vmm.last_exit is not None:
         reply["last-exit"] = vmm.last_exit

@@ -94,6 +94,8 @@ SETTINGS: Mapping[str, Setting] = {
         Setting(name="overcommit", shape="object", option="-overcommit", group="overcommit"),
         Setting(name="sandbox", shape="object", option="-sandbox", group="sandbox",
                 implied="enable"),
+        Setting(name="confine", shape="object", option=None,
+                doc='the engine\'s confinement: {"seccomp": false} lifts its syscall filter'),
         Setting(name="icount", shape="object", option="-icount", group="icount",
                 implied="shift"),
         Setting(name="fw-cfg", shape="objects", option="-fw_cfg", group="fw_cfg"),
@@ -211,7 +213,19 @@ def check_setting(name: str, value: object) -> object:
             kind = "object" if wanted is dict else "string"
             raise ArgumentError(f"Invalid parameter type for '{name}[{index}]', expected: {kind}")
     _check_range(name, value)
+    if name == "confine":
+        for part, on in as_object(value).items():
+            if part not in CONFINEMENT_SWITCHES:
+                raise ArgumentError(f"Parameter 'confine.{part}' is unexpected")
+            if not isinstance(on, bool):
+                raise ArgumentError(
+                    f"Invalid parameter type for 'confine.{part}', expected: boolean"
+                )
     return value
+
+
+CONFINEMENT_SWITCHES = frozenset({"seccomp"})
+"""The parts of the engine's confinement ``machine-set {"confine": ...}`` turns off."""
 
 
 def _check_range(name: str, value: object) -> None:

@@ -66,13 +66,16 @@ def build_launch(
     fdsets: Mapping[int, list[int]],
     incoming: bool = False,
     link_listens: bool = False,
+    spawn: bool = False,
 ) -> LaunchPlan:
     """The engine's argv and the descriptors it inherits; ``incoming``: it
     waits for its state (``migrate-incoming``) instead of booting, whatever
     ``incoming``/``loadvm`` the configuration names; ``link_listens``: the
-    link descriptor is a listening socket, not a connected one."""
+    link descriptor is a listening socket, not a connected one; ``spawn``:
+    the engine may start host programs (``--allow-host-programs``)."""
     machine = config.machine
     argv = [binary, *machine_options(machine, accel, incoming=incoming)]
+    argv += sandbox_options(machine, spawn=spawn)
     boot = config.boot
     for option, value in (("-kernel", boot.kernel), ("-initrd", boot.initrd),
                           ("-append", boot.append)):  # fmt: skip
@@ -109,6 +112,21 @@ def build_launch(
         hotplug_ports=tuple(ports),
         after_start=after_start,
     )
+
+
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn={spawn},resourcecontrol=deny"
+"""QEMU's seccomp filter, as libvirt sets it; spawn is allowed only when qmpvm
+lets the engine run host programs (tap scripts, exec: migration, smbd)."""
+
+
+def sandbox_options(machine: MachineConfig, *, spawn: bool) -> list[str]:
+    """The engine's syscall filter, unless the configuration sets its own
+    (``sandbox``, a libvirt command line's) or lifts it (``confine``)."""
+    if machine.get("sandbox") is not None:
+        return []
+    if as_object(machine.get("confine")).get("seccomp", True) is False:
+        return []
+    return ["-sandbox", SANDBOX.format(spawn="allow" if spawn else "deny")]
 
 
 def machine_options(machine: MachineConfig, accel: str, *, incoming: bool = False) -> list[str]:

@@ -109,6 +109,7 @@ class EngineMachine:
                 fdsets={i: [e.fd for e in entries] for i, entries in fds.fdsets.items()},
                 incoming=incoming,
                 link_listens=keep is not None,
+                spawn=settings.allow_host_programs,
             )
         except BaseException:
             ours.close()

@@ -175,3 +175,31 @@ def test_drives_and_chardevs_in_qemus_key_value_form() -> None:
 def test_an_implied_value_with_an_equals_sign_keeps_its_key() -> None:
     config = Config().set_machine({"vnc": {"vnc": "unix:/tmp/foo=bar.sock", "audiodev": "a"}})
     assert values(launch(config), "-vnc") == ["vnc=unix:/tmp/foo=bar.sock,audiodev=a"]
+
+
+def test_the_engine_gets_a_syscall_filter_unless_told_otherwise() -> None:
+    config = Config()
+    assert values(launch(config), "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    ]
+    host_programs = build_launch(
+        config, binary="q", accel="tcg", link_fd=LINK_FD, named_fds={}, fdsets={}, spawn=True
+    )
+    assert "spawn=allow" in values(host_programs, "-sandbox")[0]
+    lifted = config.set_machine({"confine": {"seccomp": False}})
+    assert values(launch(lifted), "-sandbox") == []
+    own = config.set_machine({"sandbox": {"enable": "on", "spawn": "allow"}})
+    assert values(launch(own), "-sandbox") == ["on,spawn=allow"]
+
+
+def test_a_machine_that_outlives_qmpvm_listens_for_its_monitor() -> None:
+    plan = build_launch(
+        Config(), binary="q", accel="tcg", link_fd=LINK_FD, named_fds={}, fdsets={},
+        link_listens=True,
+    )  # fmt: skip
+    assert f"socket,id=qmpvm-link,fd={LINK_FD},server=on,wait=off" in values(plan, "-chardev")
+    restoring = build_launch(
+        Config().set_machine({"incoming": "tcp:0:4444", "loadvm": "t1"}), binary="q",
+        accel="tcg", link_fd=LINK_FD, named_fds={}, fdsets={}, incoming=True,
+    )  # fmt: skip
+    assert values(restoring, "-incoming") == ["defer"] and values(restoring, "-loadvm") == []

@@ -1,0 +1,81 @@
+"""What confines the running engine, read from the process itself.
+
+``query-machine`` reports each part of the engine's confinement as the
+kernel sees it (``/proc/PID/...``), not as qmpvm meant it, so an engine an
+earlier qmpvm started is described as truly as one started now; each part
+that is off says why.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+WHY_OFF = {
+    "no-new-privileges": "set together with an unprivileged user, which is not built yet",
+    "user": "the engine runs as qmpvm's user: qmpvm does not yet open the host "
+    "resources (disks, kernel, sockets) for it, which an unprivileged engine "
+    "could not open itself",
+    "root": "the engine sees the host's file system, for the same reason",
+    "namespaces": "the engine shares qmpvm's namespaces, for the same reason",
+    "cgroup": "qmpvm makes no cgroup for the engine",
+}
+"""Why the parts qmpvm does not set up yet are off."""
+NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user")
+
+
+def describe(pid: int, settings: Mapping[str, object]) -> dict[str, dict[str, object]]:
+    """Each part: ``{"on": bool}``, with ``why`` when it is off (``user`` also
+    gives the ``uid``).  ``settings``: the machine's, for why seccomp may be off."""
+    status = _status(pid)
+    uid = int((status.get("Uid") or "0").split()[0])
+    on = {
+        "seccomp": status.get("Seccomp") == "2",
+        "no-new-privileges": status.get("NoNewPrivs") == "1",
+        "user": uid != 0,
+        "root": not _same(f"/proc/{pid}/root", "/"),
+        "namespaces": any(
+            not _same(f"/proc/{pid}/ns/{ns}", f"/proc/self/ns/{ns}") for ns in NAMESPACES
+        ),
+        "cgroup": _read(f"/proc/{pid}/cgroup") != _read("/proc/self/cgroup"),
+    }
+    why = {**WHY_OFF, "seccomp": _seccomp_off(settings)}
+    parts: dict[str, dict[str, object]] = {
+        name: {"on": True} if is_on else {"on": False, "why": why[name]}
+        for name, is_on in on.items()
+    }
+    parts["user"]["uid"] = uid
+    return parts
+
+
+def _seccomp_off(settings: Mapping[str, object]) -> str:
+    confine = settings.get("confine")
+    if isinstance(confine, dict) and confine.get("seccomp") is False:
+        return 'machine-set {"confine": {"seccomp": false}} lifted it'
+    if settings.get("sandbox") is not None:
+        return "the configuration's own sandbox setting (-sandbox) leaves it off"
+    return "the engine did not install it"
+
+
+def _status(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in _read(f"/proc/{pid}/status").splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        first, second = os.stat(a), os.stat(b)
+    except OSError:
+        return True  # cannot tell: claim nothing
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
