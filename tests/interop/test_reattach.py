@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from qemu.qmp import ExecuteError, QMPClient
 from test_engine import BOOT_TIMEOUT
 from test_machine_state import guest_options, start_ticker
 
-from qmpvm.engine.record import identity
+from qmpvm.engine.record import EngineRecord, identity
 from qmpvm.images import READY_MARKER, GuestImage
 from qmpvm.tools.console import SocketConsole
 
@@ -29,6 +30,17 @@ ROUNDS = 20
 async def drop(client: QMPClient) -> None:
     with contextlib.suppress(EOFError, ConnectionError):
         await client.disconnect()
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[Path]:
+    """The state directory; an engine left in it by a test that failed half-way
+    is ended (it outlives qmpvm by design, so the usual clean-up misses it)."""
+    directory = tmp_path / "state"
+    yield directory
+    left = EngineRecord.load(directory)
+    if left is not None and left.is_running():
+        os.kill(left.pid, signal.SIGKILL)
 
 
 def restart(tmp: Path, state: Path, old: QmpvmProcess | None = None) -> QmpvmProcess:
@@ -47,8 +59,9 @@ def wait_gone(pid: int) -> None:
         time.sleep(0.01)
 
 
-async def test_kill9_of_qmpvm_never_stops_the_guest(tmp_path: Path, guest: GuestImage) -> None:
-    state = tmp_path / "state"
+async def test_kill9_of_qmpvm_never_stops_the_guest(
+    tmp_path: Path, guest: GuestImage, state: Path
+) -> None:
     proc = start_qmpvm(tmp_path, *guest_options(guest, tmp_path), state_dir=state)
     client = await connect(proc)
     console = await SocketConsole.connect(str(tmp_path / "ttyS0.sock"))
@@ -96,9 +109,8 @@ def _qmpvm_on(pid: int, state: Path) -> bool:
 
 
 async def test_leaving_the_machine_running_and_taking_it_back(
-    tmp_path: Path, guest: GuestImage
+    tmp_path: Path, guest: GuestImage, state: Path
 ) -> None:
-    state = tmp_path / "state"
     proc = start_qmpvm(tmp_path, *guest_options(guest, tmp_path), state_dir=state)
     client = await connect(proc)
     engine = (await client.execute("query-machine"))["engine"]["pid"]

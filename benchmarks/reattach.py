@@ -1,0 +1,667 @@
+"""Restarting qmpvm under a running guest (``--state-dir``): how soon a new
+qmpvm answers for the engine an earlier one left running, and whether the
+guest notices.
+
+One guest, booted once: qmpvm started with the test guest on its command
+line (as ``tests/interop/test_machine_state.py`` ``guest_options`` gives
+it: q35, TCG, 1 vCPU, 256 MiB, ``qmpvm.images.build_guest()`` with
+``guest_cmdline("q35")``, ttyS0 on a UNIX socket chardev served by the
+engine)::
+
+    python -m qmpvm -qmp unix:Q,server=on,wait=off --state-dir STATE
+      -machine q35 -accel tcg -m 256 -nodefaults -kernel K -initrd I
+      -append "console=ttyS0 panic=-1 quiet"
+      -chardev socket,id=ser0,path=S,server=on,wait=off -serial chardev:ser0
+
+Timed once: that cold boot, Popen -> :data:`qmpvm.images.READY_MARKER` on
+the console (the peer of a restart: what it would cost if the guest had to
+boot again).  Then the guest shell's ticker (``start_ticker`` of the tests:
+``TICK <token> <n>`` every 0.2 s, the counter in the shell's memory) runs
+for the whole benchmark, and one console connection, opened before the
+boot and never closed until the end, reads it in a thread of its own (its
+own event loop, so nothing the timing loop does delays it), recording each
+TICK line's arrival (``time.monotonic()``).
+
+Then ``--runs`` (10) rounds, alternating two ways to leave:
+
+* even rounds (0, 2, ...): ``kill -9`` of qmpvm (SIGKILL to its pid; its
+  client connection still open);
+* odd rounds: QMP ``quit {"keep-machine": true}``, timed from the request
+  written to qmpvm's exit (seen on a pidfd);
+
+then in both: the monitor socket file is removed if qmpvm left it (a killed
+qmpvm does), and a new qmpvm is started on the same state directory::
+
+    python -m qmpvm -qmp unix:Q,server=on,wait=off --state-dir STATE --preconfig
+
+and timed from its ``Popen`` to (1) the QMP greeting read from a raw UNIX
+socket (connect retried every 1 ms while the file is missing or refuses),
+(2) ``qmp_capabilities`` answered and (3) the reattached monitor answering:
+``query-status`` returning ``running`` (the timed figure, "restart ->
+answering"; QMP over a raw socket, one JSON line per message, no qemu.qmp).
+Not timed, then checked every round: ``query-machine`` shows the same
+``engine.pid``.  Also read: qmpvm's own CPU time up to that answer
+(/proc/PID/stat, utime + stime).  Rounds are ``--pause`` (0.5 s) apart, so
+that every restart has ticks before and after it.
+
+At the end, the last qmpvm gets a plain ``quit`` (which stops the engine
+too); the benchmark waits until both are gone, checks the engine's pid is
+no longer a running process, and removes its work directory (a private
+one in /tmp; qmpvm runs with TMPDIR inside it).  Every process it starts
+runs in its own process group and is ended on exit, on errors and on
+SIGTERM (``benchmarks/processes.py``); the engine, which qmpvm starts in a
+session of its own, is ended by pid (through a pidfd, after checking its
+start time) if anything goes wrong.
+
+Printed: each round; then medians (min .. max) of restart -> greeting and
+restart -> answering (all rounds, and per way of leaving), quit -> exit,
+the outage a client sees (kill or quit request -> the new qmpvm
+answering), a reference (``python -c pass``, Popen -> exit, 5 times: the
+interpreter's own start); the ticks: how many, the longest gap between
+two consecutive TICK lines (and whether it fell inside a restart, from
+the kill or quit to the answer), the longest outside restarts, and
+whether any counter value is missing or repeated; and last the ratios:
+restart -> answering / 150 ms goal, restart -> answering / cold boot, and
+longest tick gap / 0.2 s.
+
+qmpvm runs with the environment as is (but TMPDIR); ``--pyc`` gives it a
+private .pyc cache, as in benchmarks/boot.py.
+
+Command::
+
+    .venv/bin/python benchmarks/reattach.py             # 10 rounds (~15 s)
+    .venv/bin/python benchmarks/reattach.py --quick     # 3 rounds, smoke run (~9 s)
+    .venv/bin/python benchmarks/reattach.py --runs 20 --pause 1 --pyc
+
+Measured here, 2026-12-01 22:06 UTC (2 cores, QEMU 7.2.22, TCG, CPython
+3.11.7, nothing else running, load average ~0.3; default run, 13 s)::
+
+    cold boot, Popen -> ready marker            3.105 s (once)
+    restart, Popen -> greeting                  27 ms (20 .. 32)
+                   -> qmp_capabilities          123 ms (87 .. 130)
+                   -> query-status "running"    188 ms (151 .. 211)
+                      after kill -9 187 ms, after quit keep-machine 194 ms
+        qmpvm's CPU up to that answer 175 ms; python -c pass alone 17 ms
+    quit keep-machine: reply 1 ms, qmpvm exits 43 ms (30 .. 61) after it
+    outage a client sees (kill/quit -> answering) 193 ms (179 .. 256)
+    ticks: 41 over 8.2 s, none missing; longest gap 209 ms (median 206 ms),
+        209 ms both overlapping restarts and outside them
+    ratios: answering / 150 ms goal 1.254 (missed), answering / cold boot
+        0.061, longest tick gap / 0.2 s 1.046
+
+Other runs the same hour: answering medians 174, 177 (``--pyc``) and
+164-191 ms (``--quick``); goal ratios 1.09-1.27.  The guest never
+noticed: no counter value was missing in any run, and the longest gap was
+never more than ~12 ms over the period, the same inside and outside the
+restarts (the shell loop's own ``usleep`` + TCG overhead is ~6 ms).
+
+Where the restart's time goes (``-v -v`` logs of restarts, timestamps
+against the Popen; ``-X importtime``): the interpreter starts in ~15 ms and
+the early monitor greets at ~25 ms; the asyncio server takes the socket
+over at ~115-120 ms (importing ``qmpvm.cli``, most of it
+``qmpvm.cli.translate``, then ``qmpvm.app`` with asyncio), which is when
+``qmp_capabilities`` is answered; the control plane (``qmpvm.commands``,
+the Vmm, the store) loads only then, and the takeover starts once it is
+loaded: the engine's monitor greets at ~175-185 ms; the takeover itself
+(``qmp_capabilities``, ``query-pci`` for the hot-plug ports) takes ~10 ms
+and the ``query-status`` round trip ~1 ms.  qmpvm's CPU time up to the
+answer is ~90% of the wall time: the cost is Python imports, done one
+after the other, not waiting on the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from processes import bytecode_env, cpu_seconds, exit_on_sigterm, spawn, stop, stop_all
+
+from qmpvm.engine.record import EngineRecord, identity
+from qmpvm.images import READY_MARKER, GuestImage, build_guest, guest_cmdline
+from qmpvm.tools.console import SocketConsole
+
+BOOT_TIMEOUT = 120.0
+TIMEOUT = 30.0
+TICK_PERIOD = 0.2
+GOAL = 0.150  # restart -> answering, seconds
+TICK = re.compile(r"TICK ([0-9a-f]+) (\d+)")
+
+Figures = dict[str, float]
+
+
+def now() -> float:
+    return time.monotonic()
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def spread(values: list[float], unit: str = "ms") -> str:
+    """Median (min .. max) of seconds, shown in ms or s."""
+    if not values:
+        return "n/a"
+    scale, digits = (1000.0, 0) if unit == "ms" else (1.0, 3)
+    low, mid, high = (v * scale for v in (min(values), statistics.median(values), max(values)))
+    return f"{mid:.{digits}f} {unit} ({low:.{digits}f} .. {high:.{digits}f})"
+
+
+def stderr_tail(process: subprocess.Popen[bytes] | None) -> str:
+    if process is None or process.poll() is None or process.stderr is None:
+        return ""
+    with contextlib.suppress(ValueError, OSError):
+        return process.stderr.read().decode(errors="replace")[-1000:]
+    return ""
+
+
+# -- the console: one connection for the whole run, in a thread of its own ----------
+
+
+class StampedConsole(SocketConsole):
+    """A SocketConsole that stamps every TICK line with its arrival time."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super().__init__(reader, writer)
+        self.ticks: list[tuple[float, str, int]] = []  # (arrival, token, counter)
+        self._partial = ""
+
+    async def read(self) -> str:
+        text = await super().read()
+        stamp = now()
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            found = TICK.search(line)
+            if found:
+                self.ticks.append((stamp, found.group(1), int(found.group(2))))
+        return text
+
+
+class Ticker(threading.Thread):
+    """Connects to the console, waits for the boot, starts the ticker and reads
+    until told to stop; ``ready`` is set once the ticker runs (or on an error)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(name="console", daemon=True)
+        self.path = path
+        self.ready = threading.Event()
+        self.ready_at = 0.0  # monotonic time READY_MARKER was read
+        self.token = ""
+        self.console: StampedConsole | None = None
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as err:  # reported to the main thread
+            self.error = err
+        finally:
+            self.ready.set()
+
+    async def _main(self) -> None:
+        console = await StampedConsole.connect(str(self.path), timeout=TIMEOUT)
+        self.console = console
+        try:
+            await console.expect(READY_MARKER, BOOT_TIMEOUT)
+            self.ready_at = now()
+            self.token = await start_ticker(console)
+            self.ready.set()
+            while not self._halt.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(console.read(), 0.1)
+        finally:
+            await console.close()
+
+    def finish(self) -> None:
+        self._halt.set()
+        self.join(5)
+
+    def ticks(self) -> list[tuple[float, int]]:
+        if self.console is None:
+            return []
+        return [(t, n) for t, token, n in self.console.ticks if token == self.token]
+
+
+async def start_ticker(console: SocketConsole) -> str:
+    """As tests/interop/test_machine_state.py: the guest prints TICK every 0.2 s."""
+    token = os.urandom(8).hex()
+    await console.run(f"T={token}; i=0")
+    await console.write("while :; do echo TICK $T $i; i=$((i+1)); usleep 200000; done &\n")
+    await console.expect(f"TICK {token} 3", TIMEOUT)
+    return token
+
+
+# -- QMP over a raw socket ----------------------------------------------------------
+
+
+class RawQMP:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(
+        cls, sock: Path, process: subprocess.Popen[bytes], started: float
+    ) -> tuple[RawQMP, Figures]:
+        """Connect (retried every 1 ms), read the greeting, negotiate; seconds
+        from ``started`` to each step."""
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(sock))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if process.poll() is not None:
+                    raise RuntimeError(f"qmpvm exited with {process.returncode}") from None
+                if now() - started > TIMEOUT:
+                    raise TimeoutError(f"qmpvm did not listen in {TIMEOUT} s") from None
+                await asyncio.sleep(0.001)
+        marks = {"connected": now() - started}
+        client = cls(reader, writer)
+        greeting = await client.message()
+        if "QMP" not in greeting:
+            raise RuntimeError(f"not a greeting: {greeting}")
+        marks["greeting"] = now() - started
+        await client.execute("qmp_capabilities")
+        marks["capabilities"] = now() - started
+        return client, marks
+
+    async def message(self) -> dict[str, Any]:
+        line = await asyncio.wait_for(self.reader.readline(), TIMEOUT)
+        if not line:
+            raise EOFError("qmpvm closed the monitor")
+        message = json.loads(line)
+        assert isinstance(message, dict)
+        return message
+
+    async def send(self, name: str, arguments: dict[str, object] | None = None) -> None:
+        request: dict[str, object] = {"execute": name}
+        if arguments:
+            request["arguments"] = arguments
+        self.writer.write(json.dumps(request).encode() + b"\n")
+        await self.writer.drain()
+
+    async def reply(self, name: str) -> Any:
+        while True:
+            message = await self.message()
+            if "event" in message:
+                continue
+            if "error" in message:
+                raise RuntimeError(f"{name}: {message['error']}")
+            return message["return"]
+
+    async def execute(self, name: str, arguments: dict[str, object] | None = None) -> Any:
+        await self.send(name, arguments)
+        return await self.reply(name)
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+# -- processes ----------------------------------------------------------------------
+
+
+async def exited(pid: int, timeout: float = TIMEOUT) -> float:
+    """Wait until ``pid`` ends (a pidfd turns readable); the time it was seen."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return now()
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[float] = loop.create_future()
+
+    def readable() -> None:
+        if not done.done():
+            done.set_result(now())
+
+    loop.add_reader(fd, readable)
+    try:
+        return await asyncio.wait_for(done, timeout)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
+class Engine:
+    """The engine, known by pid and start time: ended by pid if need be."""
+
+    def __init__(self, pid: int) -> None:
+        found = identity(pid)
+        if found is None:
+            raise RuntimeError(f"engine pid {pid} is not running")
+        self.pid, self.identity = pid, found
+
+    def running(self) -> bool:
+        return identity(self.pid) == self.identity
+
+    def kill(self) -> None:
+        kill_checked(self.pid, self.identity)
+
+
+def kill_checked(pid: int, expected: tuple[int, str]) -> None:
+    """SIGKILL ``pid`` through a pidfd, if it is still the process ``expected``."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if identity(pid) == expected:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    finally:
+        os.close(fd)
+
+
+def qmpvm_argv(sock: Path, state: Path, *rest: str) -> list[str]:
+    return [sys.executable, "-m", "qmpvm", "-qmp", f"unix:{sock},server=on,wait=off",
+            "--state-dir", str(state), *rest]  # fmt: skip
+
+
+def guest_options(guest: GuestImage, console: Path) -> list[str]:
+    return [
+        "-machine", "q35", "-accel", "tcg", "-m", "256", "-nodefaults",
+        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
+        "-append", guest_cmdline("q35"),
+        "-chardev", f"socket,id=ser0,path={console},server=on,wait=off",
+        "-serial", "chardev:ser0",
+    ]  # fmt: skip
+
+
+# -- the run ------------------------------------------------------------------------
+
+
+class Run:
+    def __init__(self, work: Path, opts: argparse.Namespace) -> None:
+        self.work, self.opts = work, opts
+        self.sock = work / "qmp.sock"
+        self.console_path = work / "ttyS0.sock"
+        self.state = work / "state"
+        env = bytecode_env(work / "pycache") if opts.pyc else dict(os.environ)
+        self.env = dict(env, TMPDIR=str(work / "tmp"))
+        (work / "tmp").mkdir()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.client: RawQMP | None = None
+        self.engine: Engine | None = None
+        self.ticker: Ticker | None = None
+        self.rounds: list[Figures] = []
+        self.windows: list[tuple[float, float, int]] = []  # restart: (left, answering, round)
+        self.cold_boot = 0.0
+        self.engine_gone = False
+        self.engine_reaped = False
+
+    async def boot(self) -> None:
+        guest = build_guest()
+        print(f"guest: kernel {guest.kernel_version}, initrd {guest.initrd}; "
+              f"append {guest_cmdline('q35')!r}", flush=True)  # fmt: skip
+        argv = qmpvm_argv(self.sock, self.state, *guest_options(guest, self.console_path))
+        started = now()
+        self.process = spawn(argv, self.env)
+        self.ticker = Ticker(self.console_path)
+        self.ticker.start()
+        self.client, _marks = await RawQMP.connect(self.sock, self.process, started)
+        machine = await self.client.execute("query-machine")
+        self.engine = Engine(int(machine["engine"]["pid"]))
+        deadline = started + BOOT_TIMEOUT + TIMEOUT
+        while not self.ticker.ready.is_set():  # polled: a thread waiting would delay an exit
+            if self.process.poll() is not None or now() > deadline:
+                raise RuntimeError(f"the boot failed: qmpvm exit status {self.process.poll()}")
+            await asyncio.sleep(0.05)
+        if self.ticker.error is not None or not self.ticker.token:
+            raise RuntimeError(f"console: {self.ticker.error!r}")
+        self.cold_boot = self.ticker.ready_at - started
+        print(f"cold boot, Popen -> {READY_MARKER}: {self.cold_boot:.3f} s; engine pid "
+              f"{self.engine.pid}; ticker {self.ticker.token} running", flush=True)  # fmt: skip
+
+    async def leave(self, how: str) -> Figures:
+        """kill -9 or quit keep-machine: the old qmpvm gone, the engine running on."""
+        process, client, engine = self.process, self.client, self.engine
+        assert process is not None and client is not None and engine is not None
+        out: Figures = {}
+        if how == "kill":
+            out["left"] = now()
+            process.kill()
+            out["exit"] = await exited(process.pid) - out["left"]
+        else:
+            out["left"] = now()
+            await client.send("quit", {"keep-machine": True})
+            await client.reply("quit")
+            out["quit-reply"] = now() - out["left"]
+            out["exit"] = await exited(process.pid) - out["left"]
+            if process.wait() != 0:
+                raise RuntimeError(f"quit keep-machine: qmpvm exited {process.returncode}")
+        await client.close()
+        self.client = None
+        stop(process)
+        self.process = None
+        out["socket-left"] = float(self.sock.exists())
+        with contextlib.suppress(FileNotFoundError):
+            self.sock.unlink()  # a killed qmpvm's: wait for the new one's
+        if not engine.running():
+            raise RuntimeError(f"the engine (pid {engine.pid}) ended with qmpvm ({how})")
+        return out
+
+    async def restart(self) -> Figures:
+        assert self.engine is not None
+        started = now()
+        self.process = process = spawn(qmpvm_argv(self.sock, self.state, "--preconfig"), self.env)
+        out: Figures = {"popen": now() - started}
+        self.client, marks = await RawQMP.connect(self.sock, process, started)
+        out.update(marks)
+        status = await self.client.execute("query-status")
+        out["answering"] = now() - started
+        out["cpu"] = cpu_seconds(process.pid)
+        if status.get("status") != "running":
+            raise RuntimeError(f"query-status after the restart: {status}")
+        out["answered-at"] = now()
+        machine = await self.client.execute("query-machine")
+        if machine["engine"]["pid"] != self.engine.pid:
+            raise RuntimeError(f"another engine: {machine['engine']} (was {self.engine.pid})")
+        return out
+
+    async def rounds_(self) -> None:
+        for n in range(self.opts.runs):
+            how = "kill" if n % 2 == 0 else "quit"
+            left = await self.leave(how)
+            back = await self.restart()
+            figures = {**left, **back, "outage": back["answered-at"] - left["left"]}
+            self.rounds.append(figures)
+            self.windows.append((left["left"], back["answered-at"], n))
+            quit_part = (
+                f"quit reply {ms(left['quit-reply'])}, exit {ms(left['exit'])}"
+                if how == "quit"
+                else f"killed, reaped {ms(left['exit'])}"
+            )
+            print(f"  round {n} ({how:>4}): {quit_part}; restart: greeting "
+                  f"{ms(back['greeting'])}, capabilities {ms(back['capabilities'])}, "
+                  f"answering {ms(back['answering'])} (qmpvm {back['cpu']:.2f} CPU-s); "
+                  f"outage {ms(figures['outage'])}", flush=True)  # fmt: skip
+            await asyncio.sleep(self.opts.pause)
+
+    async def finish(self) -> None:
+        """Plain quit: qmpvm stops the engine and exits; both must be gone."""
+        assert self.client is not None and self.process is not None and self.engine is not None
+        if self.ticker is not None:
+            self.ticker.finish()
+            if self.ticker.error is not None:
+                raise RuntimeError(f"console: {self.ticker.error!r}")
+        await self.client.send("quit")
+        with contextlib.suppress(EOFError, ConnectionError):
+            await self.client.reply("quit")
+        await self.client.close()
+        self.client = None
+        await exited(self.process.pid, 15)
+        code = self.process.wait()
+        stop(self.process)
+        self.process = None
+        await exited(self.engine.pid, 15)
+        self.engine_gone = identity(self.engine.pid) is None
+        if code != 0 or not self.engine_gone:
+            raise RuntimeError(f"final quit: qmpvm exited {code}, engine gone {self.engine_gone}")
+        # Not our child (the first qmpvm, killed, was its parent): whoever adopted
+        # it reaps it; until then it is a zombie, which runs nothing.
+        proc = Path(f"/proc/{self.engine.pid}")
+        deadline = now() + 5
+        while proc.exists() and now() < deadline:
+            await asyncio.sleep(0.05)
+        self.engine_reaped = not proc.exists()
+
+    def cleanup(self) -> None:
+        """On any exit: qmpvm by process group, then the engine by pid."""
+        stop_all()
+        if self.engine is not None and self.engine.running():
+            print(f"ending the engine (pid {self.engine.pid}) by pid", file=sys.stderr)
+            self.engine.kill()
+        left = EngineRecord.load(self.state)
+        if left is not None and left.is_running():
+            print(f"ending the engine (pid {left.pid}) by pid", file=sys.stderr)
+            kill_checked(left.pid, (left.start_time, left.executable))
+
+    async def bench(self) -> None:
+        try:
+            await self.boot()
+            await asyncio.sleep(self.opts.pause)
+            await self.rounds_()
+            await self.finish()
+        except Exception as err:
+            raise RuntimeError(f"{err!r} {stderr_tail(self.process)}") from err
+
+
+def python_start(env: dict[str, str], times: int = 5) -> list[float]:
+    """``python -c pass``, Popen -> exit: the interpreter's own start."""
+    out = []
+    for _ in range(times):
+        started = now()
+        process = spawn([sys.executable, "-c", "pass"], env)
+        process.wait()
+        out.append(now() - started)
+        stop(process)
+    return out
+
+
+def tick_report(run: Run) -> tuple[float, list[str]]:
+    assert run.ticker is not None
+    ticks = run.ticker.ticks()
+    if len(ticks) < 2:
+        return float("nan"), [f"ticks: only {len(ticks)} seen"]
+    numbers = [n for _t, n in ticks]
+    missing = sorted(set(range(numbers[0], numbers[-1] + 1)) - set(numbers))
+    repeated = len(numbers) - len(set(numbers))
+    out_of_order = sum(1 for a, b in itertools.pairwise(numbers) if b <= a)
+    gaps = [(b[0] - a[0], a, b) for a, b in itertools.pairwise(ticks)]
+
+    def inside(at: float, until: float) -> int | None:
+        for left, answered, n in run.windows:
+            if at < answered and until > left:
+                return n
+        return None
+
+    longest, first, second = max(gaps)
+    during = inside(first[0], second[0])
+    where = f"overlapping round {during}'s restart" if during is not None else "between restarts"
+    outside = [g for g, a, b in gaps if inside(a[0], b[0]) is None]
+    within = [g for g, a, b in gaps if inside(a[0], b[0]) is not None]
+    worst_within = ms(max(within)) if within else "n/a"
+    worst_outside = ms(max(outside)) if outside else "n/a"
+    lines = [
+        f"ticks: {len(ticks)} lines read over {ticks[-1][0] - ticks[0][0]:.1f} s "
+        f"(counter {numbers[0]} .. {numbers[-1]}); missing numbers: "
+        f"{missing[:20] if missing else 'none'}; repeated {repeated}, out of order {out_of_order}",
+        f"longest gap between TICK lines: {ms(longest)} (after {first[1]}, {where}); "
+        f"median gap {ms(statistics.median(g for g, _a, _b in gaps))}",
+        f"longest gap overlapping a restart (kill/quit -> answering): "
+        f"{worst_within}; outside them {worst_outside}",
+    ]  # fmt: skip
+    return longest, lines
+
+
+def report(run: Run, pystart: list[float]) -> None:
+    rounds = run.rounds
+    kill = [r for i, r in enumerate(rounds) if i % 2 == 0]
+    quit_ = [r for i, r in enumerate(rounds) if i % 2 == 1]
+
+    def col(runs: list[Figures], key: str) -> list[float]:
+        return [r[key] for r in runs if key in r]
+
+    answering = col(rounds, "answering")
+    print(f"cold boot (qmpvm Popen -> {READY_MARKER}, once): {run.cold_boot:.3f} s")
+    print(f"restart (new qmpvm Popen -> ...), {len(rounds)} rounds; QMP over a raw socket:")
+    print(f"  -> greeting:            {spread(col(rounds, 'greeting'))}")
+    print(f"  -> qmp_capabilities:    {spread(col(rounds, 'capabilities'))}")
+    print(f"  -> answering (query-status running): {spread(answering)}   goal <= {ms(GOAL)}")
+    print(f"       after kill -9:     {spread(col(kill, 'answering'))}")
+    print(f"       after quit keep:   {spread(col(quit_, 'answering'))}")
+    print(f"  Popen call itself {spread(col(rounds, 'popen'))}; qmpvm CPU up to the answer "
+          f"{spread(col(rounds, 'cpu'))}")  # fmt: skip
+    print(f"  reference, python -c pass (Popen -> exit): {spread(pystart)}")
+    print(
+        f"quit keep-machine -> qmpvm exit: {spread(col(quit_, 'exit'))} (reply "
+        f"{spread(col(quit_, 'quit-reply'))}); kill -9 -> reaped {spread(col(kill, 'exit'))}"
+    )
+    killed_left = sum(int(r["socket-left"]) for r in kill)
+    quit_left = sum(int(r["socket-left"]) for r in quit_)
+    print(f"monitor socket file left behind (removed before the restart): after kill -9 "
+          f"{killed_left}/{len(kill)}, after quit {quit_left}/{len(quit_)}")  # fmt: skip
+    print(f"outage a client sees (kill/quit -> new qmpvm answering): "
+          f"{spread(col(rounds, 'outage'))}")  # fmt: skip
+    longest, lines = tick_report(run)
+    for line in lines:
+        print(line)
+    assert run.engine is not None
+    reaped = "reaped" if run.engine_reaped else "a zombie 5 s later, not reaped yet"
+    print(f"final quit: qmpvm exited 0; the engine (pid {run.engine.pid}) no longer runs: "
+          f"{run.engine_gone} ({reaped})")  # fmt: skip
+    answer = statistics.median(answering)
+    print("\nratios:")
+    print(f"  restart -> answering / 150 ms goal   {answer / GOAL:7.3f}   "
+          f"{'met' if answer <= GOAL else 'MISSED'}")  # fmt: skip
+    print(f"  restart -> answering / cold boot     {answer / run.cold_boot:7.3f}")
+    print(f"  longest tick gap / {TICK_PERIOD} s period      {longest / TICK_PERIOD:7.3f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 rounds (smoke run)")
+    parser.add_argument("--runs", type=int, help="restarts, alternating kill -9 / quit (10)")
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds between rounds")
+    parser.add_argument("--pyc", action="store_true", help="give qmpvm a .pyc cache")
+    opts = parser.parse_args()
+    opts.runs = opts.runs or (3 if opts.quick else 10)
+    logging.basicConfig(level=logging.ERROR)
+    exit_on_sigterm()
+    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    started = now()
+    with tempfile.TemporaryDirectory(prefix="qmpvm-reattach-") as tmp:
+        run = Run(Path(tmp), opts)
+        try:
+            pyc = "with" if opts.pyc else "without"
+            print(f"reattach benchmark: {os.cpu_count()} CPUs, {opts.runs} rounds, "
+                  f"pause {opts.pause} s, qmpvm {pyc} a .pyc cache", flush=True)  # fmt: skip
+            asyncio.run(run.bench())
+            pystart = python_start(run.env)
+        finally:
+            run.cleanup()
+    load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average: "
+          f"{load_before} -> {load_after}, wall {now() - started:.0f} s "
+          "(other work on the host skews figures)")  # fmt: skip
+    report(run, pystart)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
