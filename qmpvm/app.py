@@ -206,9 +206,11 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
     taken_over = False
     try:
         try:
-            taken_over = await vmm.reattach()
+            await vmm.reattach()
         except EngineError as err:
             raise StartupError(f"state directory {options.state_dir}: {err.desc}") from err
+        finally:
+            taken_over = vmm.machine is not None
         if taken_over:
             _check_takeover(vmm, options)
             adopt_inherited_fds(vmm, options)

@@ -260,7 +260,13 @@ class Vmm:
 
 async def _find_port_users(machine: EngineMachine) -> None:
     """Which hot-plug ports hold a device: asked of an engine taken over."""
-    buses = await machine.execute("query-pci", {})
+    if not machine.hotplug_ports:
+        return  # also no PCI to ask (microvm, none)
+    try:
+        buses = await machine.execute("query-pci", {})
+    except EngineError as err:
+        log.warning("cannot tell which hot-plug ports are in use: %s", err.desc)
+        return
     for bus in buses if isinstance(buses, list) else []:
         for device in bus.get("devices", []):
             port = device.get("qdev_id")

@@ -261,6 +261,7 @@ async def _load_state(vmm: Vmm, config: Config, loaded: snap.Snapshot) -> None:
         await vmm.init_machine(_mapped(config, loaded), incoming=True)
         if loaded.ignore_shared:
             vmm.engine().memory_from = str(loaded.dir)
+            vmm.engine().save_record()
         await transfer.receive(vmm, fd, ignore_shared=loaded.ignore_shared)
         if await checksum != loaded.state_sha256:
             raise ConfigError(f"snapshot '{loaded.dir}' is corrupt: its state fails its checksum")

@@ -70,7 +70,6 @@ class EngineMachine:
         self.final_status: str | None = None  # the status once it is gone, if not its own
         self.memory_from: str | None = None  # a snapshot whose RAM it maps copy-on-write
         self.state_dir: Path | None = None  # where its record is kept, if it outlives qmpvm
-        self.let_go_of = False
         self._supervisor: asyncio.Task[None] | None = None
 
     @property
@@ -232,7 +231,6 @@ class EngineMachine:
     async def let_go(self) -> None:
         """Leave the engine running for the next qmpvm: the link closes (the
         engine's monitor listens again) and the record stays."""
-        self.let_go_of = True
         if self._supervisor is not None:
             self._supervisor.cancel()
         await self.link.close()
