@@ -13,6 +13,7 @@ a check and a commit.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import time
@@ -60,6 +61,7 @@ class Vmm:
         self.background: set[asyncio.Task[None]] = set()  # work a command started
         self.quit_requested = quit_requested or asyncio.Event()
         self.keep_machine = False  # on quit, leave the engine running (--state-dir)
+        self.ringbuf_backlog: dict[str, bytearray] = {}  # ringbufs' output after power-off
         self._sinks: list[EventSink] = []
         self._caps_task: asyncio.Task[Capabilities | None] | None = None
         self._schema_task: asyncio.Task[Schema | None] | None = None
@@ -102,6 +104,8 @@ class Vmm:
         self.relay(event(name, data, time.time()))
 
     def relay(self, message: dict[str, object]) -> None:
+        if message.get("event") == "SHUTDOWN":
+            self._after_shutdown()
         for hook in self._hooks.get(str(message.get("event")), ()):
             try:
                 hook(self, message)
@@ -197,6 +201,7 @@ class Vmm:
         caps = await self.capabilities()
         self.status = "inmigrate" if incoming else "prelaunch"
         self.last_exit = None
+        self.ringbuf_backlog.clear()
         self.machine = await EngineMachine.start(
             config or self.config,
             self.fds,
@@ -251,6 +256,34 @@ class Vmm:
         self.last_exit = info
         log.info("engine exited: %s", info)
         self.emit("ENGINE_EXIT", info)
+
+    def _after_shutdown(self) -> None:
+        """The guest powered off, and the engine, held paused (qmpvm's
+        ``-action shutdown=pause``), waits: its ringbufs' output is kept, then
+        it is ended, as QEMU would have ended."""
+        machine = self.machine
+        if machine is None or not (machine.holds_on_shutdown and machine.saw_guest_shutdown):
+            return
+        task = asyncio.get_running_loop().create_task(self._wind_down(machine))
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _wind_down(self, machine: EngineMachine) -> None:
+        from qmpvm.config.chardev import backend_of
+
+        for resource in self.config.of_kind(Kind.CHARDEV):
+            backend, data = backend_of(resource.args)
+            if backend not in ("ringbuf", "memory"):
+                continue
+            size = int(str(data.get("size", 65536)))
+            try:
+                text = await machine.execute(
+                    "ringbuf-read", {"device": resource.key, "size": size, "format": "base64"}
+                )
+            except EngineError:
+                continue
+            self.ringbuf_backlog[resource.key] = bytearray(base64.b64decode(str(text)))
+        await machine.stop()
 
     async def stop_engine(self, *, by_signal: bool = False, kill: bool = False) -> None:
         machine = self.machine

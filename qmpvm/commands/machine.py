@@ -41,7 +41,7 @@ async def machine_set(call: Call) -> object:
     action = given.get("action")
 
     async def on_engine() -> object:
-        return await vmm.engine().execute("set-action", typing.cast(dict[str, object], action))
+        return await engine_set_action(vmm, typing.cast(dict[str, object], action))
 
     return await change(
         vmm, lambda c: c.set_machine(given), on_engine=on_engine if action else None
@@ -55,8 +55,18 @@ async def set_action(call: Call) -> object:
     return await change(
         vmm,
         lambda c: c.set_machine({"action": dict(call.args)}),
-        on_engine=lambda: vmm.engine().execute("set-action", call.args),
+        on_engine=lambda: engine_set_action(vmm, call.args),
     )
+
+
+async def engine_set_action(vmm: Vmm, action: Mapping[str, object]) -> object:
+    """set-action on the engine; a shutdown action given is the client's, and
+    replaces the pause qmpvm asked for to read the consoles after a power-off."""
+    machine = vmm.engine()
+    result = await machine.execute("set-action", action)
+    if "shutdown" in action:
+        machine.holds_on_shutdown = False
+    return result
 
 
 def check_with_engine(given: Mapping[str, object], caps: Capabilities, machine_type: str) -> None:

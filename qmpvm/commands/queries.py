@@ -6,11 +6,14 @@ configuration in the engine's shapes, so a client can look before it builds.
 
 from __future__ import annotations
 
+import base64
+
 from qmpvm.commands.common import REGISTRY
 from qmpvm.config.chardev import backend_of
 from qmpvm.config.resource import Kind
 from qmpvm.engine.launch import LINK_CHARDEV
-from qmpvm.monitor.dispatch import ENGINE_ARGS, Call
+from qmpvm.errors import ConfigError, PhaseError
+from qmpvm.monitor.dispatch import ENGINE_ARGS, Call, Phase, phase_refusal
 
 
 @REGISTRY.command("query-named-block-nodes", args=ENGINE_ARGS)
@@ -71,3 +74,24 @@ async def query_chardev(call: Call) -> object:
         backend, _data = backend_of(resource.args)
         out.append({"label": resource.key, "filename": backend, "frontend-open": False})
     return out
+
+
+@REGISTRY.command("ringbuf-read", args=ENGINE_ARGS)
+async def ringbuf_read(call: Call) -> object:
+    """The engine's ringbuf; after the guest powered off, what the ringbuf held
+    then (kept by qmpvm), read and consumed as QEMU reads its buffer."""
+    vmm = call.vmm
+    if vmm.machine is not None:
+        return await vmm.forward("ringbuf-read", call.args)
+    device = str(call.args["device"])
+    kept = vmm.ringbuf_backlog.get(device)
+    if kept is None:
+        raise PhaseError(phase_refusal("ringbuf-read", Phase.NO_MACHINE))
+    size = int(call.args["size"])
+    if size <= 0:
+        raise ConfigError("size must be greater than zero")
+    data = bytes(kept[:size])
+    del kept[:size]
+    if call.args.get("format") == "base64":
+        return base64.b64encode(data).decode()
+    return data.decode("utf-8", errors="replace")

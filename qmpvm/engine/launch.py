@@ -42,6 +42,7 @@ class LaunchPlan:
     argv: tuple[str, ...]
     pass_fds: tuple[int, ...]
     hotplug_ports: tuple[str, ...]  # ids of the root ports provided for hot-plug
+    holds_on_shutdown: bool  # the guest's power-off pauses it; qmpvm ends it
     after_start: tuple[tuple[str, Mapping[str, object]], ...]  # commands before cont
 
 
@@ -76,6 +77,9 @@ def build_launch(
     machine = config.machine
     argv = [binary, *machine_options(machine, accel, incoming=incoming)]
     argv += sandbox_options(machine, spawn=spawn)
+    holds = "shutdown" not in as_object(machine.get("action"))
+    if holds:  # qmpvm reads what the consoles hold before the engine goes
+        argv += ["-action", "shutdown=pause"]
     boot = config.boot
     for option, value in (("-kernel", boot.kernel), ("-initrd", boot.initrd),
                           ("-append", boot.append)):  # fmt: skip
@@ -110,6 +114,7 @@ def build_launch(
         argv=tuple(argv),
         pass_fds=tuple(dict.fromkeys(pass_fds)),
         hotplug_ports=tuple(ports),
+        holds_on_shutdown=holds,
         after_start=after_start,
     )
 

@@ -66,6 +66,8 @@ class EngineMachine:
         self._stderr = stderr
         self._on_exit = on_exit
         self.saw_shutdown = False
+        self.saw_guest_shutdown = False  # the guest powered off (not a quit, a signal)
+        self.holds_on_shutdown = False  # then it pauses (-action shutdown=pause), not exits
         self.stopping = False
         self.final_status: str | None = None  # the status once it is gone, if not its own
         self.memory_from: str | None = None  # a snapshot whose RAM it maps copy-on-write
@@ -124,12 +126,7 @@ class EngineMachine:
         finally:
             theirs.close()
         stderr_task = asyncio.get_running_loop().create_task(stderr.collect(process))
-        machine: EngineMachine | None = None
-
-        def deliver(message: dict[str, object]) -> None:
-            if machine is not None:
-                machine._event(message)
-            on_event(message)
+        deliver = _Events(on_event)
 
         # Imported only now, while the engine starts: qmpvm waits for that anyway.
         from qmpvm.engine.link import EngineLink
@@ -138,7 +135,7 @@ class EngineMachine:
             if keep is not None:
                 await asyncio.get_running_loop().sock_connect(ours, str(keep / record.SOCKET))
             link = await EngineLink.open(ours, on_event=deliver, timeout=START_TIMEOUT)
-            machine = cls(
+            machine = deliver.machine = cls(
                 process,
                 link,
                 accel=accel,
@@ -146,6 +143,7 @@ class EngineMachine:
                 stderr=stderr,
                 on_exit=on_exit,
             )
+            machine.holds_on_shutdown = plan.holds_on_shutdown
             for name, arguments in plan.after_start:
                 await link.execute(name, arguments)
         except (EngineError, OSError) as err:
@@ -178,12 +176,7 @@ class EngineMachine:
             process = engine_process.WatchedProcess(found.pid)
         except ProcessLookupError:
             return None
-        machine: EngineMachine | None = None
-
-        def deliver(message: dict[str, object]) -> None:
-            if machine is not None:
-                machine._event(message)
-            on_event(message)
+        deliver = _Events(on_event)
 
         from qmpvm.engine.link import EngineLink
 
@@ -197,7 +190,7 @@ class EngineMachine:
             said = f"the engine (pid {found.pid}) runs but does not answer: {err}"
             raise EngineError(said) from err
         stderr = EngineStderr(state_dir / record.LOG)
-        machine = cls(
+        machine = deliver.machine = cls(
             process,
             link,
             accel=found.accel,
@@ -207,6 +200,7 @@ class EngineMachine:
         )
         machine.state_dir = state_dir
         machine.memory_from = found.memory_from
+        machine.holds_on_shutdown = found.holds_on_shutdown
         machine._supervisor = asyncio.get_running_loop().create_task(
             machine._supervise(asyncio.get_running_loop().create_task(stderr.collect(process)))
         )
@@ -226,6 +220,7 @@ class EngineMachine:
             accel=self.accel,
             hotplug_ports=self.hotplug_ports,
             memory_from=self.memory_from,
+            holds_on_shutdown=self.holds_on_shutdown,
         ).save(self.state_dir)
 
     async def let_go(self) -> None:
@@ -237,9 +232,18 @@ class EngineMachine:
         if isinstance(self.process, engine_process.WatchedProcess):
             self.process.let_go()
 
-    def _event(self, message: dict[str, object]) -> None:
-        if message.get("event") == "SHUTDOWN":
+    def _event(self, message: dict[str, object]) -> bool:
+        """Note what the engine tells; False: clients are not to hear it (after
+        the guest's power-off, the pause of qmpvm's shutdown action and the
+        SHUTDOWN of the quit that ends the engine: QEMU itself sends neither)."""
+        name = message.get("event")
+        held = self.saw_guest_shutdown and self.holds_on_shutdown
+        if name == "SHUTDOWN":
             self.saw_shutdown = True
+            data = message.get("data")
+            if isinstance(data, dict) and data.get("guest") is True:
+                self.saw_guest_shutdown = True
+        return not (held and name in ("STOP", "SHUTDOWN"))
 
     async def execute(
         self, name: str, arguments: Mapping[str, object] | None = None, *, fds: Sequence[int] = ()
@@ -305,10 +309,23 @@ class EngineMachine:
             "status": self.final_status or ("shutdown" if clean else "internal-error"),
             "exit-code": code if code is not None and code >= 0 else None,
             "signal": signal.Signals(-code).name if code is not None and code < 0 else None,
-            "reason": _exit_reason(code, self.saw_shutdown, self.stopping),
+            "reason": _exit_reason(code, self.saw_guest_shutdown, self.stopping),
             "stderr": "\n".join(self._stderr.lines()),
         }
         self._on_exit(self, info)
+
+
+class _Events:
+    """The link's event handler: engine events reach qmpvm (``on_event``) once
+    the machine that notes them first exists."""
+
+    def __init__(self, on_event: Callable[[dict[str, object]], None]) -> None:
+        self.machine: EngineMachine | None = None
+        self._on_event = on_event
+
+    def __call__(self, message: dict[str, object]) -> None:
+        if self.machine is None or self.machine._event(message):
+            self._on_event(message)
 
 
 class EngineStderr:
@@ -382,11 +399,11 @@ async def _launch(
     return engine_process.WatchedProcess(child.pid, child)
 
 
-def _exit_reason(code: int | None, saw_shutdown: bool, stopping: bool) -> str:
+def _exit_reason(code: int | None, guest_shut_down: bool, stopping: bool) -> str:
+    if guest_shut_down and code in (0, None):
+        return "guest shut down"  # also when qmpvm ended the engine it held after it
     if stopping:
         return "stopped by qmpvm"
-    if saw_shutdown and code in (0, None):
-        return "guest shut down"
     if code is None:
         return "engine exited (started by an earlier qmpvm: its exit status is unknown)"
     if code < 0:

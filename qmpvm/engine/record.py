@@ -30,6 +30,7 @@ class EngineRecord:
     accel: str
     hotplug_ports: tuple[str, ...]
     memory_from: str | None = None
+    holds_on_shutdown: bool = False
 
     def save(self, state_dir: Path) -> None:
         """Written whole or not at all (rename), and on disk."""
@@ -54,6 +55,7 @@ class EngineRecord:
                 accel=str(doc["accel"]),
                 hotplug_ports=tuple(str(p) for p in doc["hotplug_ports"]),
                 memory_from=doc.get("memory_from"),
+                holds_on_shutdown=bool(doc.get("holds_on_shutdown", False)),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None

@@ -342,3 +342,40 @@ def _ppid(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+async def test_a_ringbuf_keeps_the_last_output_after_power_off(
+    tmp_path: Path, guest: GuestImage
+) -> None:
+    """The guest prints its last line into a ringbuf and powers off: qmpvm
+    reads the ringbuf before the engine goes, and ringbuf-read answers after."""
+    proc = start_qmpvm(tmp_path)
+    client, watcher = await connect(proc), await connect(proc, "watcher")
+    console_path = await configure(client, guest, tmp_path)
+    ring = {"id": "ring1", "backend": {"type": "ringbuf", "data": {"size": 4096}}}
+    await client.execute("chardev-add", ring)
+    await client.execute("device_add", {"driver": "isa-serial", "chardev": "ring1", "id": "s1"})
+    await client.execute("machine-init")
+    await client.execute("cont")
+    console = await SocketConsole.connect(str(console_path))
+    await console.expect(READY_MARKER, BOOT_TIMEOUT)
+    await console.write("echo LAST-WORDS > /dev/ttyS1; poweroff -f\n")
+    events = []
+    async with asyncio.timeout(60):
+        async for event in watcher.events:
+            events.append(event["event"])
+            if event["event"] == "ENGINE_EXIT":
+                assert event["data"]["reason"] == "guest shut down"
+                break
+    assert events.count("SHUTDOWN") == 1
+    assert "STOP" not in events[events.index("SHUTDOWN") :], "as QEMU: no pause after power-off"
+    status = await client.execute("query-status")
+    assert (status["status"], status["phase"]) == ("shutdown", "no-machine")
+    read = {"device": "ring1", "size": 4096}
+    assert "LAST-WORDS" in await client.execute("ringbuf-read", read)
+    assert await client.execute("ringbuf-read", read) == "", "read once, as QEMU's buffer"
+    with pytest.raises(ExecuteError, match="needs a machine"):
+        await client.execute("ringbuf-read", {"device": "ser0", "size": 10})
+    await console.close()
+    await watcher.disconnect()
+    await quit_and_disconnect(client)
