@@ -373,19 +373,25 @@ async def configure(
     await client.execute("device_add", {"driver": "isa-serial", "chardev": "ser0", "id": "serial0"})
 
 
-async def qemu_to_file(client: QMPClient, path: Path) -> Figures:
-    """Plain QEMU: stop + migrate into ``path`` until completed (64 GiB/s, set
-    before the clock and restored after); the guest stays paused."""
+async def give_state_file(client: QMPClient, path: Path, flags: int) -> None:
+    """Plain QEMU's migration file, opened here and passed as ``fd:state``,
+    with MIGRATION events on."""
     caps = [{"capability": "events", "state": True}]
     await client.execute("migrate-set-capabilities", {"capabilities": caps})
-    limit = (await client.execute("query-migrate-parameters"))["max-bandwidth"]
-    await client.execute("migrate-set-parameters", {"max-bandwidth": BANDWIDTH})
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
     try:
         client.send_fd_scm(fd)
         await client.execute("getfd", {"fdname": "state"})
     finally:
         os.close(fd)
+
+
+async def qemu_to_file(client: QMPClient, path: Path) -> Figures:
+    """Plain QEMU: stop + migrate into ``path`` until completed (64 GiB/s, set
+    before the clock and restored after); the guest stays paused."""
+    limit = (await client.execute("query-migrate-parameters"))["max-bandwidth"]
+    await client.execute("migrate-set-parameters", {"max-bandwidth": BANDWIDTH})
+    await give_state_file(client, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     with client.listener("MIGRATION") as migration:
         t0 = now()
         await client.execute("stop")
@@ -598,14 +604,7 @@ async def qemu_restore(guest: GuestImage, state: Path, rd: Path) -> Figures:
     try:
         client = await connect_qmp(process, sock, "QEMU")
         out["greeting"] = now() - started
-        caps = [{"capability": "events", "state": True}]
-        await client.execute("migrate-set-capabilities", {"capabilities": caps})
-        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            client.send_fd_scm(fd)
-            await client.execute("getfd", {"fdname": "state"})
-        finally:
-            os.close(fd)
+        await give_state_file(client, state, os.O_RDONLY)
         with client.listener("MIGRATION") as migration:
             t0 = now()
             await client.execute("migrate-incoming", {"uri": "fd:state"})
