@@ -240,6 +240,10 @@ class Vmm:
         self.machine = machine
         await _find_port_users(machine)
         log.info("took over the engine (pid %d) left running in %s", machine.pid, state_dir)
+        status = await machine.execute("query-status", {})
+        if isinstance(status, dict) and status.get("status") == "shutdown":
+            machine.saw_guest_shutdown = True  # it powered off while no qmpvm watched
+            self._after_shutdown()
         return True
 
     async def let_go_engine(self) -> None:

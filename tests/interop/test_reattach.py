@@ -3,6 +3,7 @@ runs on when qmpvm dies or leaves, and the next qmpvm takes it over."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -169,3 +170,43 @@ async def test_without_a_state_directory_nothing_outlives_qmpvm(tmp_path: Path) 
     with pytest.raises(ExecuteError, match="keep-machine needs --state-dir"):
         await client.execute("quit", {"keep-machine": True})
     await quit_and_disconnect(client)
+
+
+async def test_a_power_off_while_no_qmpvm_watches_is_finished_by_the_next(
+    tmp_path: Path, guest: GuestImage, state: Path
+) -> None:
+    """The engine holds a powered-off guest (to read its ringbufs); with no
+    qmpvm there, the next one finds it so and ends it as the first would have."""
+    ring = "ringbuf,id=ring1,size=4096"
+    options = guest_options(guest, tmp_path, "-chardev", ring, "-serial", "chardev:ring1")
+    proc = start_qmpvm(tmp_path, *options, state_dir=state)
+    client = await connect(proc)
+    engine = (await client.execute("query-machine"))["engine"]["pid"]
+    console = await SocketConsole.connect(str(tmp_path / "ttyS0.sock"))
+    await console.expect(READY_MARKER, BOOT_TIMEOUT)
+    await drop(client)
+    proc.process.kill()
+    proc.process.wait()
+    await console.write("echo LAST-WORDS > /dev/ttyS1; poweroff -f\n")
+    await engine_status(state / "engine.sock", "shutdown")  # held, paused, not exited
+    assert identity(engine) is not None
+    proc = restart(tmp_path, state, proc)
+    client = await connect(proc)
+    exited = await next_event(client, "ENGINE_EXIT")
+    assert exited["data"]["reason"] == "guest shut down"
+    assert "LAST-WORDS" in await client.execute("ringbuf-read", {"device": "ring1", "size": 4096})
+    wait_gone(engine)
+    await quit_and_disconnect(client)
+
+
+async def engine_status(monitor: Path, wanted: str) -> None:
+    """Until the engine, asked on its own monitor, is in run state ``wanted``."""
+    engine = QMPClient("test-engine")
+    await engine.connect(str(monitor))
+    try:
+        deadline = time.monotonic() + 60
+        while (await engine.execute("query-status"))["status"] != wanted:
+            assert time.monotonic() < deadline, f"the engine never reached {wanted}"
+            await asyncio.sleep(0.05)
+    finally:
+        await engine.disconnect()
