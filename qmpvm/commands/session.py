@@ -123,7 +123,8 @@ async def query_machine(call: Call) -> object:
             engine["memory-from"] = vmm.machine.memory_from
         from qmpvm.engine.confinement import describe
 
-        engine["confinement"] = describe(vmm.machine.pid, vmm.config.machine.values)
+        machine = vmm.machine
+        engine["confinement"] = describe(machine.pid, vmm.config.machine.values, machine.cgroup_why)
         reply["engine"] = engine
     if vmm.last_exit is not None:
         reply["last-exit"] = vmm.last_exit

@@ -95,7 +95,10 @@ SETTINGS: Mapping[str, Setting] = {
         Setting(name="sandbox", shape="object", option="-sandbox", group="sandbox",
                 implied="enable"),
         Setting(name="confine", shape="object", option=None,
-                doc='the engine\'s confinement: {"seccomp": false} lifts its syscall filter'),
+                doc='the engine\'s confinement: {"seccomp": false} lifts its syscall filter, '
+                    '{"cgroup": false} leaves it in qmpvm\'s cgroup'),
+        Setting(name="limits", shape="object", option=None,
+                doc="the engine's cgroup limits: memory (bytes), pids, cpu (CPUs)"),
         Setting(name="icount", shape="object", option="-icount", group="icount",
                 implied="shift"),
         Setting(name="fw-cfg", shape="objects", option="-fw_cfg", group="fw_cfg"),
@@ -213,6 +216,8 @@ def check_setting(name: str, value: object) -> object:
             kind = "object" if wanted is dict else "string"
             raise ArgumentError(f"Invalid parameter type for '{name}[{index}]', expected: {kind}")
     _check_range(name, value)
+    if name == "limits":
+        _check_limits(as_object(value))
     if name == "confine":
         for part, on in as_object(value).items():
             if part not in CONFINEMENT_SWITCHES:
@@ -224,7 +229,21 @@ def check_setting(name: str, value: object) -> object:
     return value
 
 
-CONFINEMENT_SWITCHES = frozenset({"seccomp"})
+CONFINEMENT_SWITCHES = frozenset({"seccomp", "cgroup"})
+LIMITS = {"memory": "integer", "pids": "integer", "cpu": "number"}
+"""The engine's cgroup limits: bytes, tasks, CPUs (``qmpvm.engine.cgroup`` writes them)."""
+
+
+def _check_limits(limits: Mapping[str, object]) -> None:
+    for name, value in limits.items():
+        kind = LIMITS.get(name)
+        if kind is None:
+            raise ArgumentError(f"Parameter 'limits.{name}' is unexpected")
+        wanted = (int, float) if kind == "number" else (int,)
+        if isinstance(value, bool) or not isinstance(value, wanted):
+            raise ArgumentError(f"Invalid parameter type for 'limits.{name}', expected: {kind}")
+        if value <= 0:
+            raise ArgumentError(f"Parameter 'limits.{name}' must be greater than zero")
 """The parts of the engine's confinement ``machine-set {"confine": ...}`` turns off."""
 
 

@@ -19,15 +19,18 @@ WHY_OFF = {
     "could not open itself",
     "root": "the engine sees the host's file system, for the same reason",
     "namespaces": "the engine shares qmpvm's namespaces, for the same reason",
-    "cgroup": "qmpvm makes no cgroup for the engine",
+    "cgroup": "the engine shares qmpvm's cgroup",
 }
 """Why the parts qmpvm does not set up yet are off."""
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user")
 
 
-def describe(pid: int, settings: Mapping[str, object]) -> dict[str, dict[str, object]]:
+def describe(
+    pid: int, settings: Mapping[str, object], cgroup_why: str | None = None
+) -> dict[str, dict[str, object]]:
     """Each part: ``{"on": bool}``, with ``why`` when it is off (``user`` also
-    gives the ``uid``).  ``settings``: the machine's, for why seccomp may be off."""
+    gives the ``uid``).  ``settings``: the machine's, for why seccomp may be
+    off; ``cgroup_why``: why the engine got no cgroup of its own."""
     status = _status(pid)
     uid = int((status.get("Uid") or "0").split()[0])
     on = {
@@ -41,6 +44,8 @@ def describe(pid: int, settings: Mapping[str, object]) -> dict[str, dict[str, ob
         "cgroup": _read(f"/proc/{pid}/cgroup") != _read("/proc/self/cgroup"),
     }
     why = {**WHY_OFF, "seccomp": _seccomp_off(settings)}
+    if cgroup_why is not None:
+        why["cgroup"] = cgroup_why
     parts: dict[str, dict[str, object]] = {
         name: {"on": True} if is_on else {"on": False, "why": why[name]}
         for name, is_on in on.items()

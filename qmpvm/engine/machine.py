@@ -26,9 +26,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qmpvm.config.machine import MachineConfig, as_object
 from qmpvm.config.model import Config
+from qmpvm.engine import cgroup, record
 from qmpvm.engine import process as engine_process
-from qmpvm.engine import record
 from qmpvm.engine.launch import build_launch
 from qmpvm.engine.settings import EngineSettings
 from qmpvm.errors import EngineError
@@ -36,6 +37,7 @@ from qmpvm.fds import FdRegistry
 
 if TYPE_CHECKING:
     from qmpvm.engine.caps import Capabilities
+    from qmpvm.engine.cgroup import EngineCgroup
     from qmpvm.engine.link import EngineLink
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,8 @@ class EngineMachine:
         self.final_status: str | None = None  # the status once it is gone, if not its own
         self.memory_from: str | None = None  # a snapshot whose RAM it maps copy-on-write
         self.state_dir: Path | None = None  # where its record is kept, if it outlives qmpvm
+        self.cgroup: EngineCgroup | None = None  # its own, removed when it is gone
+        self.cgroup_why: str | None = None  # why it has none
         self._supervisor: asyncio.Task[None] | None = None
 
     @property
@@ -127,11 +131,13 @@ class EngineMachine:
             theirs.close()
         stderr_task = asyncio.get_running_loop().create_task(stderr.collect(process))
         deliver = _Events(on_event)
+        group, group_why = None, None
 
         # Imported only now, while the engine starts: qmpvm waits for that anyway.
         from qmpvm.engine.link import EngineLink
 
         try:
+            group, group_why = _cgroup(process.pid, config.machine)
             if keep is not None:
                 await asyncio.get_running_loop().sock_connect(ours, str(keep / record.SOCKET))
             link = await EngineLink.open(ours, on_event=deliver, timeout=START_TIMEOUT)
@@ -150,8 +156,11 @@ class EngineMachine:
             await _kill(process)
             await asyncio.wait_for(stderr_task, 2)
             ours.close()
+            if group is not None:
+                group.remove()
             raise EngineError(_failure_text(err, stderr.lines())) from err
         machine.state_dir = keep
+        machine.cgroup, machine.cgroup_why = group, group_why
         machine.save_record()
         machine._supervisor = asyncio.get_running_loop().create_task(
             machine._supervise(stderr_task)
@@ -201,6 +210,8 @@ class EngineMachine:
         machine.state_dir = state_dir
         machine.memory_from = found.memory_from
         machine.holds_on_shutdown = found.holds_on_shutdown
+        if found.cgroups:
+            machine.cgroup = cgroup.EngineCgroup(tuple(Path(p) for p in found.cgroups))
         machine._supervisor = asyncio.get_running_loop().create_task(
             machine._supervise(asyncio.get_running_loop().create_task(stderr.collect(process)))
         )
@@ -221,6 +232,7 @@ class EngineMachine:
             hotplug_ports=self.hotplug_ports,
             memory_from=self.memory_from,
             holds_on_shutdown=self.holds_on_shutdown,
+            cgroups=tuple(str(p) for p in self.cgroup.paths) if self.cgroup else (),
         ).save(self.state_dir)
 
     async def let_go(self) -> None:
@@ -303,6 +315,8 @@ class EngineMachine:
             await asyncio.wait_for(stderr_task, 2)
         if self.state_dir is not None:
             record.remove(self.state_dir)
+        if self.cgroup is not None:
+            self.cgroup.remove()
         known = code is not None
         clean = (code == 0 or not known) and (self.saw_shutdown or self.stopping)
         info: dict[str, object] = {
@@ -313,6 +327,22 @@ class EngineMachine:
             "stderr": "\n".join(self._stderr.lines()),
         }
         self._on_exit(self, info)
+
+
+def _cgroup(pid: int, machine: MachineConfig) -> tuple[EngineCgroup | None, str | None]:
+    """The engine's own cgroup, and why it has none.  Limits the configuration
+    sets must hold: a host that cannot give them fails the machine."""
+    if as_object(machine.get("confine")).get("cgroup", True) is False:
+        return None, 'machine-set {"confine": {"cgroup": false}} lifted it'
+    limits = as_object(machine.get("limits"))
+    try:
+        return cgroup.create(pid, limits), None
+    except OSError as err:
+        why = f"the host's cgroups cannot be written: {err.strerror or err}"
+        if limits:
+            raise EngineError(f"the engine's limits cannot be set: {why}") from err
+        log.info("engine without a cgroup of its own: %s", why)
+        return None, why
 
 
 class _Events:

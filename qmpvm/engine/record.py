@@ -31,6 +31,7 @@ class EngineRecord:
     hotplug_ports: tuple[str, ...]
     memory_from: str | None = None
     holds_on_shutdown: bool = False
+    cgroups: tuple[str, ...] = ()
 
     def save(self, state_dir: Path) -> None:
         """Written whole or not at all (rename), and on disk."""
@@ -38,7 +39,8 @@ class EngineRecord:
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as stream:
-            json.dump({**asdict(self), "hotplug_ports": list(self.hotplug_ports)}, stream)
+            doc = {**asdict(self), "hotplug_ports": list(self.hotplug_ports)}
+            json.dump({**doc, "cgroups": list(self.cgroups)}, stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)
@@ -56,6 +58,7 @@ class EngineRecord:
                 hotplug_ports=tuple(str(p) for p in doc["hotplug_ports"]),
                 memory_from=doc.get("memory_from"),
                 holds_on_shutdown=bool(doc.get("holds_on_shutdown", False)),
+                cgroups=tuple(str(p) for p in doc.get("cgroups", ())),
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None

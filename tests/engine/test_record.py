@@ -1,5 +1,6 @@
-"""The engine record and the state directory's lock: a later qmpvm takes over
-only the very process an earlier one left, and only one qmpvm at a time."""
+"""The engine record and the state directory's lock (a later qmpvm takes over
+only the very process an earlier one left, and only one qmpvm at a time),
+and the engine's cgroup limits."""
 
 from __future__ import annotations
 
@@ -66,3 +67,25 @@ def test_one_qmpvm_per_state_directory(tmp_path: Path) -> None:
         Store(tmp_path)
     first.close()
     Store(tmp_path).close()  # free again once the first is gone
+
+
+def test_limits_are_checked_and_written_where_the_hierarchy_wants_them() -> None:
+    from qmpvm.config.machine import LIMITS as CHECKED
+    from qmpvm.config.machine import check_setting
+    from qmpvm.engine.cgroup import LIMITS, _value
+    from qmpvm.errors import ArgumentError
+
+    assert set(LIMITS) == set(CHECKED)
+    assert check_setting("limits", {"memory": 1 << 30, "cpu": 0.5}) is not None
+    refusals = [
+        ({"swap": 1}, "is unexpected"),
+        ({"pids": 1.5}, "expected: integer"),
+        ({"cpu": True}, "expected: number"),
+        ({"memory": 0}, "greater"),
+    ]
+    for bad, message in refusals:
+        with pytest.raises(ArgumentError, match=message):
+            check_setting("limits", bad)
+    assert _value("cpu", 1.5, v2=False) == "150000"
+    assert _value("cpu", 1.5, v2=True) == "150000 100000"
+    assert _value("memory", 4096, v2=True) == "4096"
