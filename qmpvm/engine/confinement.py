@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 WHY_OFF = {
-    "no-new-privileges": "set together with an unprivileged user, which is not built yet",
+    "no-new-privileges": "util-linux's setpriv, which sets it, is not installed",
     "user": "the engine runs as qmpvm's user: qmpvm does not yet open the host "
     "resources (disks, kernel, sockets) for it, which an unprivileged engine "
     "could not open itself",

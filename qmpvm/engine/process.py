@@ -6,8 +6,9 @@ thread that started it exits.  Setting that signal takes code run in the
 child between fork and exec, and a ``preexec_fn`` makes Python fork the
 whole process instead of using vfork: 5-7 ms on machine-init's path here
 (copying page tables is slow on this virtualised host), against under 1 ms.
-So the engine runs under ``setpriv --pdeathsig KILL`` (util-linux), which
-sets the signal and then execs the engine; the setting survives exec (an
+So the engine runs under ``setpriv --pdeathsig KILL --no-new-privs``
+(util-linux), which sets the signal (and that no exec may gain privileges)
+and then execs the engine; the setting survives exec (an
 engine is no set-user-ID binary), and Python can vfork.  Where setpriv is
 missing, the ``preexec_fn`` remains.
 
@@ -61,6 +62,7 @@ async def start(
         SETPRIV,
         "--pdeathsig",
         "KILL",
+        "--no-new-privs",
         "--",
         binary,
         *argv[1:],
@@ -129,8 +131,10 @@ def spawn_outliving(
     signal, a session of its own (a terminal's Ctrl-C to qmpvm's process
     group does not reach it), and not an asyncio child, which asyncio would
     kill when its transport is closed."""
+    binary = _executable(argv[0])
+    wrapper = [SETPRIV, "--no-new-privs", "--"] if SETPRIV else []
     return subprocess.Popen(
-        [_executable(argv[0]), *argv[1:]],
+        [*wrapper, binary, *argv[1:]],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=stderr,

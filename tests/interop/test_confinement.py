@@ -46,6 +46,7 @@ async def test_the_engine_runs_under_a_syscall_filter(
     assert confinement["user"] == {"on": False, "uid": 0, "why": confinement["user"]["why"]}
     assert "does not yet open the host resources" in confinement["user"]["why"]
     assert confinement["root"]["on"] is False
+    assert confinement["no-new-privileges"] == {"on": True}
     with pytest.raises(ExecuteError, match="'confine' is a boot-only setting"):
         await client.execute("machine-set", {"confine": {"seccomp": True}})
     await client.execute("cont")
