@@ -18,7 +18,8 @@ WHY_OFF = {
     "resources (disks, kernel, sockets) for it, which an unprivileged engine "
     "could not open itself",
     "root": "the engine sees the host's file system, for the same reason",
-    "namespaces": "the engine shares qmpvm's namespaces, for the same reason",
+    "namespaces": "the engine shares qmpvm's namespaces: this host lets qmpvm make none "
+    "(unshare is missing, or it lacks CAP_SYS_ADMIN)",
     "cgroup": "the engine shares qmpvm's cgroup",
 }
 """Why the parts qmpvm does not set up yet are off."""
@@ -32,15 +33,14 @@ def describe(
     gives the ``uid``).  ``settings``: the machine's, for why seccomp may be
     off; ``cgroup_why``: why the engine got no cgroup of its own."""
     status = _status(pid)
+    own = [ns for ns in NAMESPACES if not _same(f"/proc/{pid}/ns/{ns}", f"/proc/self/ns/{ns}")]
     uid = int((status.get("Uid") or "0").split()[0])
     on = {
         "seccomp": status.get("Seccomp") == "2",
         "no-new-privileges": status.get("NoNewPrivs") == "1",
         "user": uid != 0,
         "root": not _same(f"/proc/{pid}/root", "/"),
-        "namespaces": any(
-            not _same(f"/proc/{pid}/ns/{ns}", f"/proc/self/ns/{ns}") for ns in NAMESPACES
-        ),
+        "namespaces": bool(own),
         "cgroup": _read(f"/proc/{pid}/cgroup") != _read("/proc/self/cgroup"),
     }
     why = {**WHY_OFF, "seccomp": _seccomp_off(settings)}
@@ -51,6 +51,8 @@ def describe(
         for name, is_on in on.items()
     }
     parts["user"]["uid"] = uid
+    if own:
+        parts["namespaces"]["own"] = own
     return parts
 
 

@@ -64,6 +64,7 @@ async def start(
         "KILL",
         "--no-new-privs",
         "--",
+        *namespaces_wrapper(),
         binary,
         *argv[1:],
         stdin=subprocess.DEVNULL,
@@ -71,6 +72,27 @@ async def start(
         stderr=stderr,
         pass_fds=pass_fds,
     )
+
+
+NAMESPACES = ("ipc", "uts")
+"""Namespaces the engine gets of its own: no host resource it needs lives in
+them (its files, sockets and network stay the host's until qmpvm opens
+them for it)."""
+
+
+@functools.cache
+def namespaces_wrapper() -> tuple[str, ...]:
+    """``unshare --ipc --uts --`` where this process may make namespaces (tried
+    once: a container without CAP_SYS_ADMIN may not); else nothing."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return ()
+    flags = tuple(f"--{ns}" for ns in NAMESPACES)
+    try:
+        subprocess.run([unshare, *flags, "true"], check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    return (unshare, *flags, "--")
 
 
 def _executable(name: str) -> str:
@@ -132,7 +154,7 @@ def spawn_outliving(
     group does not reach it), and not an asyncio child, which asyncio would
     kill when its transport is closed."""
     binary = _executable(argv[0])
-    wrapper = [SETPRIV, "--no-new-privs", "--"] if SETPRIV else []
+    wrapper = [SETPRIV, "--no-new-privs", "--", *namespaces_wrapper()] if SETPRIV else []
     return subprocess.Popen(
         [*wrapper, binary, *argv[1:]],
         stdin=subprocess.DEVNULL,

@@ -11,6 +11,7 @@ from qemu.qmp import ExecuteError
 from test_engine import configure
 
 from qmpvm.engine.cgroup import hierarchies
+from qmpvm.engine.process import namespaces_wrapper
 from qmpvm.images import GuestImage
 
 pytestmark = pytest.mark.usefixtures("guest")
@@ -47,6 +48,8 @@ async def test_the_engine_runs_under_a_syscall_filter(
     assert "does not yet open the host resources" in confinement["user"]["why"]
     assert confinement["root"]["on"] is False
     assert confinement["no-new-privileges"] == {"on": True}
+    if namespaces_wrapper():  # this host lets qmpvm make namespaces
+        assert confinement["namespaces"] == {"on": True, "own": ["ipc", "uts"]}
     with pytest.raises(ExecuteError, match="'confine' is a boot-only setting"):
         await client.execute("machine-set", {"confine": {"seccomp": True}})
     await client.execute("cont")
