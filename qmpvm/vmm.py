@@ -104,8 +104,6 @@ class Vmm:
         self.relay(event(name, data, time.time()))
 
     def relay(self, message: dict[str, object]) -> None:
-        if message.get("event") == "SHUTDOWN":
-            self._after_shutdown()
         for hook in self._hooks.get(str(message.get("event")), ()):
             try:
                 hook(self, message)
@@ -243,7 +241,7 @@ class Vmm:
         status = await machine.execute("query-status", {})
         if isinstance(status, dict) and status.get("status") == "shutdown":
             machine.saw_guest_shutdown = True  # it powered off while no qmpvm watched
-            self._after_shutdown()
+            self.after_shutdown()
         return True
 
     async def let_go_engine(self) -> None:
@@ -261,7 +259,7 @@ class Vmm:
         log.info("engine exited: %s", info)
         self.emit("ENGINE_EXIT", info)
 
-    def _after_shutdown(self) -> None:
+    def after_shutdown(self) -> None:
         """The guest powered off, and the engine, held paused (qmpvm's
         ``-action shutdown=pause``), waits: its ringbufs' output is kept, then
         it is ended, as QEMU would have ended."""

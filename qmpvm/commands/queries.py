@@ -14,6 +14,7 @@ from qmpvm.config.resource import Kind
 from qmpvm.engine.launch import LINK_CHARDEV
 from qmpvm.errors import ConfigError, PhaseError
 from qmpvm.monitor.dispatch import ENGINE_ARGS, Call, Phase, phase_refusal
+from qmpvm.vmm import Vmm
 
 
 @REGISTRY.command("query-named-block-nodes", args=ENGINE_ARGS)
@@ -95,3 +96,11 @@ async def ringbuf_read(call: Call) -> object:
     if call.args.get("format") == "base64":
         return base64.b64encode(data).decode()
     return data.decode("utf-8", errors="replace")
+
+
+def keep_ringbufs(vmm: Vmm, message: dict[str, object]) -> None:
+    """On the guest's power-off, what its ringbufs hold is read before the engine goes."""
+    vmm.after_shutdown()
+
+
+REGISTRY.hook("SHUTDOWN", keep_ringbufs)

@@ -244,6 +244,8 @@ def _check_limits(limits: Mapping[str, object]) -> None:
             raise ArgumentError(f"Invalid parameter type for 'limits.{name}', expected: {kind}")
         if value <= 0:
             raise ArgumentError(f"Parameter 'limits.{name}' must be greater than zero")
+
+
 """The parts of the engine's confinement ``machine-set {"confine": ...}`` turns off."""
 
 

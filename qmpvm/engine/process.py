@@ -59,13 +59,7 @@ async def start(
             preexec_fn=die_with_parent,
         )
     return await asyncio.create_subprocess_exec(
-        SETPRIV,
-        "--pdeathsig",
-        "KILL",
-        "--no-new-privs",
-        "--",
-        *namespaces_wrapper(),
-        binary,
+        *_confined(binary, die_with_qmpvm=True),
         *argv[1:],
         stdin=subprocess.DEVNULL,
         stdout=stdout,
@@ -93,6 +87,15 @@ def namespaces_wrapper() -> tuple[str, ...]:
     except (OSError, subprocess.SubprocessError):
         return ()
     return (unshare, *flags, "--")
+
+
+def _confined(binary: str, *, die_with_qmpvm: bool) -> list[str]:
+    """``binary`` behind setpriv (no new privileges, and the parent-death
+    signal unless it is to outlive qmpvm) and, where allowed, unshare."""
+    if SETPRIV is None:
+        return [binary]
+    death = ["--pdeathsig", "KILL"] if die_with_qmpvm else []
+    return [SETPRIV, *death, "--no-new-privs", "--", *namespaces_wrapper(), binary]
 
 
 def _executable(name: str) -> str:
@@ -153,10 +156,8 @@ def spawn_outliving(
     signal, a session of its own (a terminal's Ctrl-C to qmpvm's process
     group does not reach it), and not an asyncio child, which asyncio would
     kill when its transport is closed."""
-    binary = _executable(argv[0])
-    wrapper = [SETPRIV, "--no-new-privs", "--", *namespaces_wrapper()] if SETPRIV else []
     return subprocess.Popen(
-        [*wrapper, binary, *argv[1:]],
+        [*_confined(_executable(argv[0]), die_with_qmpvm=False), *argv[1:]],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=stderr,

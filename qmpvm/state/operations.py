@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qmpvm.config.machine import as_object
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind
 from qmpvm.errors import ConfigError, EngineError, QmpvmError
@@ -312,7 +313,7 @@ async def _configure_destination(peer: Peer, ours: list[dict[str, object]]) -> N
     for command in ours:
         try:
             arguments = command.get("arguments")
-            await peer.execute(str(command["execute"]), _object(arguments))
+            await peer.execute(str(command["execute"]), as_object(arguments))
         except QmpvmError as err:
             raise ConfigError(f"migration refused by the destination: {err.desc}") from err
 
@@ -379,45 +380,46 @@ async def receive(vmm: Vmm, args: Mapping[str, Any]) -> object:
 
 
 def _listen(wanted: object) -> tuple[socket.socket, str, Callable[[], None]]:
-    """The data channel's listening socket, its URI, and what removes it."""
-    if wanted is None:
-        directory = tempfile.mkdtemp(prefix="qmpvm-migration-")
-        path = os.path.join(directory, "data.sock")
+    """The data channel's listening socket, bound as a monitor's is (a UNIX one
+    mode 0600, never over a file), its URI, and what removes its traces."""
+    from qmpvm.monitor.early import Listener, bind
 
-        def cleanup() -> None:
+    directory = None
+    if wanted is None:
+        try:
+            directory = tempfile.mkdtemp(prefix="qmpvm-migration-")
+        except OSError as err:
+            raise ConfigError(f"cannot make the data channel: {err.strerror}") from err
+        listener = Listener("unix", path=os.path.join(directory, "data.sock"))
+    else:
+        _family, address = parse_uri(str(wanted))
+        if isinstance(address, tuple):
+            listener = Listener("tcp", host=address[0], port=address[1])
+        else:
+            listener = Listener("unix", path=address)
+
+    def cleanup() -> None:
+        if listener.kind == "unix":
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(listener.path)
+        if directory is not None:
+            with contextlib.suppress(OSError):
                 os.rmdir(directory)
 
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            sock.listen(1)
-        except OSError:
-            sock.close()
-            cleanup()
-            raise
-        return sock, f"unix:{path}", cleanup
-    family, address = parse_uri(str(wanted))
-    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        if family != socket.AF_UNIX:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(1)
+        raw = bind(listener)
     except OSError as err:
-        sock.close()
-        raise ConfigError(f"cannot listen on {wanted}: {err.strerror}") from err
-    if family == socket.AF_UNIX:
-        path = str(address)
-        return sock, f"unix:{path}", lambda: _unlink(path)
+        if directory is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise ConfigError(
+            f"cannot listen on {wanted or listener.path}: {err.strerror or err}"
+        ) from err
+    sock = socket.socket(fileno=raw.detach())  # bind() gives the C-level socket
+    if listener.kind == "unix":
+        return sock, f"unix:{listener.path}", cleanup
     host, port = sock.getsockname()[:2]
-    return sock, f"tcp:{'[' + host + ']' if ':' in host else host}:{port}", lambda: None
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
+    return sock, f"tcp:{'[' + host + ']' if ':' in host else host}:{port}", cleanup
 
 
 async def _receive_state(
@@ -458,10 +460,6 @@ async def _receive_state(
     took = round((time.monotonic() - started) * 1000)
     done = {"role": "destination", "status": "completed", "total-time": took}
     vmm.emit("MACHINE_MIGRATION", done)
-
-
-def _object(value: object) -> dict[str, object]:
-    return dict(value) if isinstance(value, dict) else {}
 
 
 def _member(value: object, name: str) -> object:

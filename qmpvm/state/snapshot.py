@@ -25,6 +25,7 @@ from pathlib import Path
 
 from qmpvm.config.descriptors import FDSET_PREFIX, fd_names, fdset_ids
 from qmpvm.config.kinds import BLOCK_CHILDREN
+from qmpvm.config.machine import as_object
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind
 from qmpvm.errors import ConfigError
@@ -78,7 +79,7 @@ class Snapshot:
 
     @property
     def engine_version(self) -> str:
-        return str(_object(self.manifest.get("engine")).get("version"))
+        return str(as_object(self.manifest.get("engine")).get("version"))
 
     @property
     def ignore_shared(self) -> bool:
@@ -278,12 +279,12 @@ def load(directory: Path) -> Snapshot:
             f"{where} has format version {manifest.get('version')}; "
             f"this qmpvm reads version {FORMAT_VERSION}"
         )
-    files = _object(manifest.get("files"))
+    files = as_object(manifest.get("files"))
     if CONFIG not in files or STATE not in files:
         raise ConfigError(f"{where}: {MANIFEST} does not list {CONFIG} and {STATE}")
     for name, entry in files.items():
-        _check_file(directory, name, _object(entry), where)
-    config_entry = _object(files[CONFIG])
+        _check_file(directory, name, as_object(entry), where)
+    config_entry = as_object(files[CONFIG])
     if file_sha256(directory / CONFIG) != config_entry.get("sha256"):
         raise ConfigError(f"{where} is corrupt: {CONFIG} does not match its checksum")
     with (directory / STATE).open("rb") as stream:
@@ -304,7 +305,7 @@ def load(directory: Path) -> Snapshot:
         dir=directory,
         manifest=manifest,
         commands=commands,
-        state_sha256=str(_object(files[STATE]).get("sha256")),
+        state_sha256=str(as_object(files[STATE]).get("sha256")),
         memory=memory,
     )
 
@@ -333,7 +334,7 @@ def check_engine(snapshot: Snapshot, version: str, machine_types: Mapping[str, o
             f"snapshot '{snapshot.dir}' was written by engine version "
             f"{snapshot.engine_version}; this engine is {version}, which cannot load it"
         )
-    resolved = str(_object(snapshot.manifest.get("machine")).get("resolved-type"))
+    resolved = str(as_object(snapshot.manifest.get("machine")).get("resolved-type"))
     if resolved not in machine_types:
         raise ConfigError(
             f"snapshot '{snapshot.dir}' needs machine type '{resolved}', "
@@ -345,7 +346,7 @@ def check_disks(snapshot: Snapshot) -> None:
     """Each disk the machine had open is there, with the size it had."""
     disks = snapshot.manifest.get("disks")
     for entry in disks if isinstance(disks, list) else []:
-        disk = _object(entry)
+        disk = as_object(entry)
         filename = str(disk.get("filename"))
         try:
             size = _size(filename)
@@ -358,10 +359,6 @@ def check_disks(snapshot: Snapshot) -> None:
                 f"snapshot '{snapshot.dir}' needs disk '{filename}' of {disk.get('size')} "
                 f"bytes; it has {size}: a restore needs the images the snapshot was taken with"
             )
-
-
-def _object(value: object) -> Mapping[str, object]:
-    return value if isinstance(value, dict) else {}
 
 
 def _reason(err: Exception) -> str:

@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from qmpvm.config.machine import as_object
 from qmpvm.errors import EngineError
 
 if TYPE_CHECKING:
@@ -121,8 +122,7 @@ def _why(figures: Mapping[str, object]) -> str:
 
 def summary(figures: Mapping[str, object]) -> dict[str, object]:
     """The figures a user reads: milliseconds and bytes."""
-    ram = figures.get("ram")
-    ram = ram if isinstance(ram, dict) else {}
+    ram = as_object(figures.get("ram"))
     return {
         "total-time": figures.get("total-time"),
         "downtime": figures.get("downtime"),
