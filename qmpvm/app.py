@@ -226,6 +226,7 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
         else:
             await vmm.stop_engine()
         vmm.commit(before)
+        vmm.consoles.remove_private()
         await server.close()
         store.close()
         return 1
@@ -243,6 +244,7 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
     else:
         log.info("shutting down")
         await vmm.stop_engine(by_signal=bool(signalled))
+    vmm.consoles.remove_private()
     await server.close()
     vmm.fds.close_all()
     store.close()

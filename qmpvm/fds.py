@@ -12,6 +12,8 @@ again at machine-init.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 from collections.abc import Collection
@@ -40,6 +42,20 @@ class FdRegistry:
     def __init__(self) -> None:
         self.named: dict[str, PassedFd] = {}
         self.fdsets: dict[int, list[PassedFd]] = {}
+
+    def open(self, path: str, flags: int, mode: int = 0o666) -> int:
+        """``os.open``, and for ``/dev/fdset/N`` what QEMU's ``qemu_open`` does:
+        a duplicate of a descriptor in set N with the same access mode."""
+        number = path.removeprefix("/dev/fdset/")
+        if number == path:
+            return os.open(path, flags | os.O_CLOEXEC, mode)
+        entries = self.fdsets.get(int(number)) if number.isdigit() else None
+        if not entries:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        for entry in entries:
+            if _access(entry.fd) == flags & os.O_ACCMODE:
+                return os.dup(entry.fd)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
     def getfd(self, name: str, fd: int, owner: int) -> None:
         old = self.named.get(name)
@@ -140,3 +156,7 @@ def _close(fd: int) -> None:
         os.close(fd)
     except OSError as err:
         log.warning("closing fd %d: %s", fd, err)
+
+
+def _access(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE

@@ -13,7 +13,6 @@ a check and a commit.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
@@ -26,6 +25,7 @@ from qmpvm.config.resource import Kind
 from qmpvm.engine.settings import EngineSettings
 from qmpvm.errors import EngineError
 from qmpvm.fds import FdRegistry
+from qmpvm.host.consoles import Consoles
 from qmpvm.monitor.client import Client
 from qmpvm.monitor.dispatch import EventHook, Phase
 from qmpvm.store import Store
@@ -61,7 +61,7 @@ class Vmm:
         self.background: set[asyncio.Task[None]] = set()  # work a command started
         self.quit_requested = quit_requested or asyncio.Event()
         self.keep_machine = False  # on quit, leave the engine running (--state-dir)
-        self.ringbuf_backlog: dict[str, bytearray] = {}  # ringbufs' output after power-off
+        self.consoles = Consoles(self.settings.state_dir, self.fds)  # chardevs qmpvm serves
         self._sinks: list[EventSink] = []
         self._caps_task: asyncio.Task[Capabilities | None] | None = None
         self._schema_task: asyncio.Task[Schema | None] | None = None
@@ -199,16 +199,22 @@ class Vmm:
         caps = await self.capabilities()
         self.status = "inmigrate" if incoming else "prelaunch"
         self.last_exit = None
-        self.ringbuf_backlog.clear()
-        self.machine = await EngineMachine.start(
-            config or self.config,
-            self.fds,
-            caps,
-            self.settings,
-            incoming=incoming,
-            on_event=self.relay,
-            on_exit=self._engine_exited,
-        )
+        config = config or self.config
+        consoles = await self.consoles.open_all(config)
+        try:
+            self.machine = await EngineMachine.start(
+                config,
+                self.fds,
+                caps,
+                self.settings,
+                incoming=incoming,
+                consoles=consoles,
+                on_event=self.relay,
+                on_exit=self._engine_exited,
+            )
+        except BaseException:
+            self.consoles.close_all(remove=True)
+            raise
 
     async def reattach(self) -> bool:
         """Take over the engine an earlier qmpvm left running in the state
@@ -236,6 +242,7 @@ class Vmm:
                 log.warning("%s", self.last_exit["reason"])
             return False
         self.machine = machine
+        await self.consoles.open_all(self.config, existing=True)
         await _find_port_users(machine)
         log.info("took over the engine (pid %d) left running in %s", machine.pid, state_dir)
         status = await machine.execute("query-status", {})
@@ -249,43 +256,29 @@ class Vmm:
         machine = self.machine
         if machine is not None:
             await machine.let_go()
+        self.consoles.close_all(remove=False)
 
     def _engine_exited(self, machine: EngineMachine, info: dict[str, object]) -> None:
         if self.machine is not machine:
             return
         self.machine = None
+        self.consoles.engine_gone()
         self.status = str(info["status"])
         self.last_exit = info
         log.info("engine exited: %s", info)
         self.emit("ENGINE_EXIT", info)
 
     def after_shutdown(self) -> None:
-        """The guest powered off, and the engine, held paused (qmpvm's
-        ``-action shutdown=pause``), waits: its ringbufs' output is kept, then
-        it is ended, as QEMU would have ended."""
+        """The guest powered off, and its engine, held paused (``-action
+        shutdown=pause``, for an engine that outlives qmpvm) waits: with the
+        consoles' FIFOs open here, their last output is safe, so it is ended
+        as QEMU would have ended."""
         machine = self.machine
         if machine is None or not (machine.holds_on_shutdown and machine.saw_guest_shutdown):
             return
-        task = asyncio.get_running_loop().create_task(self._wind_down(machine))
+        task = asyncio.get_running_loop().create_task(machine.stop())
         self.background.add(task)
         task.add_done_callback(self.background.discard)
-
-    async def _wind_down(self, machine: EngineMachine) -> None:
-        from qmpvm.config.chardev import backend_of
-
-        for resource in self.config.of_kind(Kind.CHARDEV):
-            backend, data = backend_of(resource.args)
-            if backend not in ("ringbuf", "memory"):
-                continue
-            size = int(str(data.get("size", 65536)))
-            try:
-                text = await machine.execute(
-                    "ringbuf-read", {"device": resource.key, "size": size, "format": "base64"}
-                )
-            except EngineError:
-                continue
-            self.ringbuf_backlog[resource.key] = bytearray(base64.b64decode(str(text)))
-        await machine.stop()
 
     async def stop_engine(self, *, by_signal: bool = False, kill: bool = False) -> None:
         machine = self.machine

@@ -43,7 +43,8 @@ __all__ = [
 USAGE = """\
 usage: qmpvm [options]
        qmpvm image build [DIR]            build the test/demo guest
-       qmpvm console SOCKET [--chardev ID] attach a terminal to a socket, pty or ringbuf
+       qmpvm console SOCKET [--chardev ID] [--history]
+                                          attach a terminal to a guest console
        qmpvm qmp SOCKET COMMAND [JSON]    run one QMP command and print the reply
        qmpvm snapshot SOCKET DIR [--live] [--stop]
                                           snapshot the machine, showing progress

@@ -6,6 +6,7 @@ Importing this package registers every command in ``REGISTRY``.
 from __future__ import annotations
 
 from qmpvm.commands import (  # noqa: F401
+    consoles,
     fds,
     introspection,
     machine,

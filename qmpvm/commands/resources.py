@@ -19,6 +19,7 @@ from qmpvm.config.kinds import BY_COMMAND, KINDS
 from qmpvm.config.resource import Kind
 from qmpvm.engine.launch import NO_HOTPLUG_MACHINES, machine_family
 from qmpvm.errors import ArgumentError, ConfigError, NotFoundError
+from qmpvm.host import console_wiring
 from qmpvm.keyval import coerce_property
 from qmpvm.monitor.dispatch import ENGINE_ARGS, Call
 from qmpvm.vmm import Vmm
@@ -46,8 +47,10 @@ async def add(call: Call) -> object:
     if spec.kind is Kind.BLOCK and "node-name" not in args:
         raise ArgumentError("'node-name' must be specified for the root node")
     kinds.make(spec.kind, args, 0)  # its name, before anything else is looked at
+    served = spec.kind is Kind.CHARDEV and console_wiring.owns(args)  # by qmpvm
     if spec.kind is Kind.CHARDEV:
         chardev.check_writable(args)
+        console_wiring.check(args)
     if vmm.machine is not None and not spec.hot:
         raise ConfigError(
             f"'{spec.add}' is boot-only and the machine exists; it is only allowed "
@@ -68,12 +71,21 @@ async def add(call: Call) -> object:
         port = await _hotplug_port(vmm, live) if spec.kind is Kind.DEVICE else None
         if port is not None:
             live["bus"] = port
-        result = await engine.execute(spec.add, live)
+        if served:
+            live = console_wiring.engine_chardev(args, await vmm.consoles.open_one(args))
+        try:
+            result = await engine.execute(spec.add, live)
+        except BaseException:
+            if served:
+                vmm.consoles.forget(str(key))
+            raise
         if port is not None:  # taken once the device is in; without an id, for good
             engine.port_users[port] = str(key or "(no id)")
         return result
 
     async def undo() -> object:
+        if served:
+            vmm.consoles.forget(str(key))
         return await vmm.engine().execute(spec.delete, {spec.delete_key: key})
 
     result = await change(
@@ -99,6 +111,8 @@ async def delete(call: Call) -> object:
         lambda c: c.remove(spec.kind, key),
         on_engine=lambda: vmm.engine().execute(spec.delete, {spec.delete_key: key}),
     )
+    if spec.kind is Kind.CHARDEV:
+        vmm.consoles.forget(key)
     return {}
 
 

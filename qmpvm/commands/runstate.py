@@ -19,7 +19,7 @@ HMP_ALLOWED = frozenset(
         "info", "help", "?", "cont", "c", "stop", "s", "system_reset", "system_powerdown",
         "system_wakeup", "nmi", "sendkey", "mouse_move", "mouse_button", "mouse_set", "x",
         "xp", "print", "p", "i", "o", "sum", "gpa2hpa", "gpa2hva", "gva2gpa", "qom-get",
-        "qom-list", "ringbuf_read", "ringbuf_write", "chardev-send-break", "mce", "cpu",
+        "qom-list", "chardev-send-break", "mce", "cpu",
         "quit", "q", "log", "trace-event", "sync-profile", "singlestep", "pcie_aer_inject_error",
         # what the same QMP command does, relayed
         "balloon", "announce_self", "block_resize", "calc_dirty_rate", "set_vcpu_dirty_limit",
@@ -34,7 +34,8 @@ HMP_ALLOWED = frozenset(
 """HMP commands relayed; every other one (``device_add``, ``object_add``,
 ``qom-set``, ``hostfwd_add``, ``savevm``, ``gdbserver``, ``logfile``, ...)
 would change the configuration behind the store's back or open host files
-and programs no QMP command qmpvm relays would."""
+and programs no QMP command qmpvm relays would; ``ringbuf_read``/``_write``
+would reach the engine, where qmpvm's ringbufs are not (QMP's commands do)."""
 
 
 def hmp_command_name(line: str) -> str:

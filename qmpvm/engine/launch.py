@@ -13,6 +13,7 @@ so those get the PCI addresses QEMU would give them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from qmpvm.config.machine import SETTINGS, MachineConfig, MiB, as_object
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind, Resource
 from qmpvm.errors import ConfigError
+from qmpvm.host.console_wiring import engine_chardev
 from qmpvm.keyval import encode
 
 LINK_CHARDEV = "qmpvm-link"
@@ -68,8 +70,11 @@ def build_launch(
     incoming: bool = False,
     link_listens: bool = False,
     spawn: bool = False,
+    consoles: Mapping[str, str] | None = None,
 ) -> LaunchPlan:
-    """The engine's argv and the descriptors it inherits; ``incoming``: it
+    """The engine's argv and the descriptors it inherits; ``consoles``: the
+    chardevs qmpvm serves, by id, each with the FIFO stem the engine's pipe
+    chardev opens instead (``qmpvm.host``); ``incoming``: it
     waits for its state (``migrate-incoming``) instead of booting, whatever
     ``incoming``/``loadvm`` the configuration names; ``link_listens``: the
     link descriptor is a listening socket, not a connected one; ``spawn``:
@@ -77,8 +82,10 @@ def build_launch(
     machine = config.machine
     argv = [binary, *machine_options(machine, accel, incoming=incoming)]
     argv += sandbox_options(machine, spawn=spawn)
-    holds = "shutdown" not in as_object(machine.get("action"))
-    if holds:  # qmpvm reads what the consoles hold before the engine goes
+    # An engine that outlives qmpvm holds a powered-off guest until a qmpvm has
+    # read the consoles' last output from their FIFOs (they go with the engine).
+    holds = link_listens and bool(consoles) and "shutdown" not in as_object(machine.get("action"))
+    if holds:
         argv += ["-action", "shutdown=pause"]
     boot = config.boot
     for option, value in (("-kernel", boot.kernel), ("-initrd", boot.initrd),
@@ -96,7 +103,11 @@ def build_launch(
             pass_fds.append(fd)
     for kind in KINDS:
         for resource in config.of_kind(kind):
-            value, fds = _option_value(resource, named_fds)
+            stem = (consoles or {}).get(resource.key) if kind is Kind.CHARDEV else None
+            given = resource
+            if stem is not None:  # served by qmpvm: the engine gets a pipe
+                given = dataclasses.replace(resource, args=engine_chardev(resource.args, stem))
+            value, fds = _option_value(given, named_fds)
             argv += [KINDS[kind].option, value]
             pass_fds.extend(fds)
     ports: list[str] = []

@@ -91,11 +91,13 @@ class EngineMachine:
         settings: EngineSettings,
         *,
         incoming: bool = False,
+        consoles: Mapping[str, str] | None = None,
         on_event: Callable[[dict[str, object]], None],
         on_exit: Callable[[EngineMachine, dict[str, object]], None],
     ) -> EngineMachine:
         """Launch the engine; with ``settings.state_dir`` one that outlives qmpvm,
-        its monitor listening in the state directory for whichever qmpvm comes."""
+        its monitor listening in the state directory for whichever qmpvm comes;
+        ``consoles``: the chardevs qmpvm serves, by id, with their FIFO stems."""
         from qmpvm.engine.host import choose_accel  # looks at the host: only when needed
 
         accel = choose_accel(config.machine.accel, runs_guest_code=config.machine.type != "none")
@@ -115,6 +117,7 @@ class EngineMachine:
                 incoming=incoming,
                 link_listens=keep is not None,
                 spawn=settings.allow_host_programs,
+                consoles=consoles,
             )
         except BaseException:
             ours.close()

@@ -1,6 +1,6 @@
 """``qmpvm qmp`` (one command, one reply) and ``qmpvm console`` (a terminal on
-a guest serial port: a UNIX socket or pty chardev both ways, a ringbuf's
-output by ringbuf-read)."""
+a guest serial port: a socket or pty chardev both ways, a ringbuf's output by
+ringbuf-read, a file or null chardev's by console-history)."""
 
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ def qmp_main(argv: list[str]) -> int:
 
 
 async def _chardev_target(target: str, chardev: str) -> tuple[str, str]:
-    """How to reach ``chardev``: ("socket", PATH), ("pty", /dev/pts/N) or
-    ("ringbuf", ID), from the configuration and the engine's query-chardev."""
+    """How to reach ``chardev``: ("socket", PATH), ("tcp", HOST:PORT),
+    ("pty", /dev/pts/N), ("ringbuf", ID) or, for a file or null console qmpvm
+    serves, ("history", ID), from the configuration and query-chardev."""
     client = QMPClient("qmpvm-console")
     await client.connect(_address(target))
     try:
@@ -76,10 +77,15 @@ async def _chardev_target(target: str, chardev: str) -> tuple[str, str]:
         backend = found["backend"]
         kind = backend.get("type")
         addr = backend.get("data", {}).get("addr", {})
+        where = addr.get("data", {})
         if kind == "socket" and addr.get("type") == "unix":
-            return "socket", str(addr["data"]["path"])
+            return "socket", str(where["path"])
+        if kind == "socket" and addr.get("type") == "inet":
+            return "tcp", f"{where.get('host') or '127.0.0.1'}:{where['port']}"
         if kind in ("ringbuf", "memory"):
             return "ringbuf", chardev
+        if kind in ("file", "null"):
+            return "history", chardev
         if kind == "pty":
             engine = isinstance(reply, dict) and reply.get("engine")
             live = await client.execute("query-chardev") if engine else []
@@ -90,8 +96,8 @@ async def _chardev_target(target: str, chardev: str) -> tuple[str, str]:
     finally:
         await client.disconnect()
     raise SystemExit(
-        f"qmpvm console: chardev '{chardev}' is a {kind}: attach to a UNIX socket, "
-        "pty or ringbuf chardev"
+        f"qmpvm console: chardev '{chardev}' is a {kind}: attach to a socket, pty, "
+        "ringbuf, file or null chardev"
     )
 
 
@@ -99,17 +105,29 @@ def console_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="qmpvm console",
         description="Attach this terminal to a guest serial port (Ctrl-] detaches): a "
-        "UNIX socket or pty chardev both ways; a ringbuf's output (also after "
-        "the guest powered off).",
+        "socket or pty chardev both ways (any number of terminals at once on a socket); "
+        "a ringbuf's output (also after the guest powered off); a file or null "
+        "chardev's output as qmpvm keeps it.",
     )
     parser.add_argument("socket", help="QMP socket path, or HOST:PORT")
     parser.add_argument("--chardev", default="ser0", help="chardev id (default ser0)")
+    parser.add_argument(
+        "--history",
+        action="store_true",
+        help="first print what the console printed before (console-history)",
+    )
     opts = parser.parse_args(argv)
     try:
         kind, where = asyncio.run(_chardev_target(opts.socket, opts.chardev))
         if kind == "ringbuf":
             print(f"qmpvm console: reading ringbuf {where} (output only)", file=sys.stderr)
             return asyncio.run(_follow_ringbuf(opts.socket, where))
+        since = None
+        if opts.history or kind == "history":
+            since = asyncio.run(_print_history(opts.socket, opts.chardev, show=opts.history))
+        if kind == "history":
+            print(f"qmpvm console: following {where}'s output", file=sys.stderr)
+            return asyncio.run(_follow_history(opts.socket, where, since))
     except (OSError, ConnectError) as err:
         print(f"qmpvm console: {opts.socket}: {err}", file=sys.stderr)
         return 1
@@ -122,10 +140,63 @@ def console_main(argv: list[str]) -> int:
         finally:
             os.close(fd)
         return 0
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    if kind == "tcp":
+        host, _sep, port = where.rpartition(":")
+        sock = socket.create_connection((host, int(port)))
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(where)
+    with sock:
         print(note, file=sys.stderr)
         _pump(sock.fileno())
+    return 0
+
+
+async def _print_history(target: str, chardev: str, *, show: bool) -> int | None:
+    """The position a console's kept output ends at (None: it keeps none);
+    ``show``: print that output first."""
+    client = QMPClient("qmpvm-console")
+    await client.connect(_address(target))
+    try:
+        found = await client.execute("console-history", {"device": chardev})
+    except ExecuteError as err:
+        if show:
+            print(f"qmpvm console: no history: {err}", file=sys.stderr)
+        return None
+    finally:
+        with contextlib.suppress(EOFError, ConnectionError):
+            await client.disconnect()
+    assert isinstance(found, dict)
+    if show:
+        sys.stdout.write(str(found["data"]))
+        sys.stdout.flush()
+    return int(found["end"])
+
+
+async def _follow_history(target: str, chardev: str, since: int | None) -> int:
+    """Print a console's output as qmpvm keeps it, until standard input ends
+    (or carries Ctrl-]); 1 if the chardev goes."""
+    client = QMPClient("qmpvm-console")
+    await client.connect(_address(target))
+    stdin_done = asyncio.get_running_loop().run_in_executor(None, _wait_for_detach)
+    try:
+        while not stdin_done.done():
+            arguments: dict[str, object] = {"device": chardev}
+            if since is not None:
+                arguments["since"] = since
+            try:
+                found = await client.execute("console-history", arguments)
+            except ExecuteError as err:
+                print(f"qmpvm console: {err}", file=sys.stderr)
+                return 1
+            assert isinstance(found, dict)
+            sys.stdout.write(str(found["data"]))
+            sys.stdout.flush()
+            since = int(found["end"])
+            await asyncio.wait({stdin_done}, timeout=POLL_INTERVAL)
+    finally:
+        with contextlib.suppress(EOFError, ConnectionError):
+            await client.disconnect()
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Host init: what qmpvm opens and serves on the host for the engine (consoles)."""

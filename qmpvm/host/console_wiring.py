@@ -1,0 +1,97 @@
+"""Which chardevs qmpvm serves itself, and what the engine is given instead.
+
+A console qmpvm owns reaches the engine as a ``pipe`` chardev on two FIFOs,
+``STEM.in`` and ``STEM.out``, that the engine opens read-write.  The engine
+never sees their other end close, so while qmpvm restarts under a running
+guest the output waits in the pipe (1 MiB; beyond that the guest's UART
+waits) rather than being dropped, and the next qmpvm reads on.  The chardev
+keeps its id, so the devices that name it need no change.
+
+Owned: ``ringbuf``/``memory``, ``null``, ``file`` without an input file, and
+listening ``socket``s on a path or a TCP port without telnet, websocket,
+TLS or ``wait``.  The rest (``pty``, connecting sockets, ``udp``, ...) keep
+QEMU's own semantics in the engine.  Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import typing
+from collections.abc import Mapping, Sequence
+
+from qmpvm.config.chardev import COMMON, backend_of
+from qmpvm.errors import ArgumentError
+
+RING_DEFAULT = 65536
+_ENGINE_ONLY_SOCKET = ("telnet", "tn3270", "websocket", "tls-creds", "tls-authz", "reconnect")
+_SAFE_STEM = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
+
+
+def owns(args: Mapping[str, object]) -> bool:
+    """Whether qmpvm serves this stored chardev-add itself."""
+    backend, data = backend_of(args)
+    if backend in ("ringbuf", "memory", "null"):
+        return True
+    if backend == "file":
+        return "in" not in data
+    if backend != "socket" or not data.get("server", True) or data.get("wait", False):
+        return False
+    if any(data.get(option) for option in _ENGINE_ONLY_SOCKET):
+        return False
+    addr = typing.cast(Mapping[str, object], data.get("addr", {}))
+    where = typing.cast(Mapping[str, object], addr.get("data", {}))
+    if addr.get("type") == "unix":
+        return not where.get("abstract")
+    return addr.get("type") == "inet" and not any(k in where for k in ("to", "ipv4", "ipv6"))
+
+
+def check(args: Mapping[str, object]) -> None:
+    """What QEMU checks when it creates the backend, checked by qmpvm for the
+    backends it serves (the engine sees a pipe)."""
+    backend, _data = backend_of(args)
+    if backend in ("ringbuf", "memory"):
+        size = ring_size(args)
+        if size <= 0 or size & (size - 1):
+            raise ArgumentError("size of ringbuf chardev must be power of two")
+
+
+def ring_size(args: Mapping[str, object]) -> int:
+    _backend, data = backend_of(args)
+    return int(str(data.get("size", RING_DEFAULT)))
+
+
+def stem(chardev_id: str) -> str:
+    """The FIFOs' and the log's file name stem for a chardev: its id when that
+    is a plain name, else a digest of it."""
+    if _SAFE_STEM.fullmatch(chardev_id):
+        return chardev_id
+    return "x-" + hashlib.sha256(chardev_id.encode()).hexdigest()[:24]
+
+
+def engine_chardev(args: Mapping[str, object], fifo_stem: str) -> dict[str, object]:
+    """The chardev-add the engine gets for an owned chardev: a pipe on the
+    FIFOs at ``fifo_stem``, with the log file options the user gave."""
+    _backend, data = backend_of(args)
+    pipe: dict[str, object] = {"device": fifo_stem}
+    pipe.update({member: data[member] for _legacy, member in COMMON if member in data})
+    return {"id": args["id"], "backend": {"type": "pipe", "data": pipe}}
+
+
+def filename(args: Mapping[str, object], peers: Sequence[str]) -> str:
+    """``query-chardev``'s ``filename`` as QEMU gives it for this backend,
+    ``peers``: the clients attached to a socket (their addresses)."""
+    backend, data = backend_of(args)
+    if backend == "memory":
+        return "ringbuf"
+    if backend != "socket":
+        return backend
+    addr = typing.cast(Mapping[str, object], data.get("addr", {}))
+    where = typing.cast(Mapping[str, object], addr.get("data", {}))
+    if addr.get("type") == "unix":
+        text = f"unix:{where.get('path')},server=on"
+    else:
+        text = f"tcp:{where.get('host', '')}:{where.get('port')},server=on"
+        if peers:
+            text += f" <-> {peers[0]}"
+    return text if peers else f"disconnected:{text}"

@@ -1,0 +1,413 @@
+"""Consoles qmpvm owns: the engine's FIFOs on one side, on the other the
+backend the user asked for (socket clients, a ringbuf, a file, nothing).
+
+A ``Console`` lives as long as its chardev is configured; its I/O is opened
+for each engine (``open``) and closed when that engine is gone (``close``),
+so its history carries over the guest's power-off, the engine's death and a
+rebuilt machine.  Listening sockets follow the engine, as in QEMU: they are
+bound when a machine starts and removed when it is gone; while it runs, any
+number of clients may attach, each reading the output and writing input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+
+from qmpvm.config.chardev import backend_of
+from qmpvm.config.model import Config
+from qmpvm.config.resource import Kind
+from qmpvm.errors import EngineError
+from qmpvm.fds import FdRegistry
+from qmpvm.host.console_output import ConsoleLog, History, Ring
+from qmpvm.host.console_wiring import filename, owns, ring_size, stem
+
+log = logging.getLogger(__name__)
+
+PIPE_SIZE = 1024 * 1024
+"""The FIFOs' capacity: the guest's output while no qmpvm reads (a restart)."""
+CLIENT_LAG = 1024 * 1024
+"""A client with this much output unread is dropped, so one that does not
+read can neither hold the guest back nor grow qmpvm's memory."""
+INPUT_PENDING = 64 * 1024
+"""Input the guest has not taken yet; beyond this, clients' input waits."""
+READ_CHUNK = 65536
+
+
+class Console:
+    """One owned chardev: its output history, and its I/O while an engine runs."""
+
+    def __init__(
+        self,
+        args: Mapping[str, object],
+        directory: Path,
+        log_dir: Path | None,
+        fds: FdRegistry | None = None,
+    ) -> None:
+        self.args = args
+        self._fds = fds or FdRegistry()  # what a /dev/fdset/N path opens
+        self.id = str(args["id"])
+        self.backend, self.data = backend_of(args)
+        self.fifo_stem = str(directory / stem(self.id))
+        self.log = ConsoleLog(log_dir, stem(self.id)) if log_dir is not None else None
+        self.history = History()
+        if self.log is not None:
+            self.log.restore(self.history)
+        self.ring: Ring | None = None
+        if self.backend in ("ringbuf", "memory"):
+            self.ring = Ring(ring_size(args), self._unread_ring())
+        self._out: int | None = None
+        self._in: int | None = None
+        self._pending = bytearray()
+        self._peers: list[_Peer] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._bound: tuple[int, int] | None = None  # our socket file's (device, inode)
+        self._file: int | None = None
+
+    def _unread_ring(self) -> bytes:
+        """A ringbuf's buffer as the log left it: what was printed since the last read."""
+        if self.log is None or self.log.read_to is None:
+            return self.history.tail()
+        return self.history.tail(max(0, self.history.end - self.log.read_to))
+
+    @property
+    def is_open(self) -> bool:
+        return self._out is not None
+
+    def filename(self) -> str:
+        return filename(self.args, [peer.name for peer in self._peers])
+
+    # -- opening and closing, per engine ---------------------------------
+
+    async def open(self, *, existing: bool = False) -> None:
+        """Make the FIFOs (``existing``: find those an engine taken over has
+        open) and start serving.  EngineError, with nothing left open, if the
+        host refuses a path."""
+        path = self.fifo_stem
+        try:
+            if not existing:
+                for suffix in (".in", ".out"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path + suffix)
+                    os.mkfifo(path + suffix, 0o600)
+            flags = os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC
+            path = self.fifo_stem + ".out"
+            self._out = os.open(path, flags)
+            path = self.fifo_stem + ".in"
+            self._in = os.open(path, flags)
+            for fd in (self._out, self._in):
+                with contextlib.suppress(OSError):  # a smaller pipe only holds less
+                    fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            path = self.host_path()
+            await self._serve()
+        except OSError as err:
+            self.close(remove=not existing)
+            raise EngineError(
+                f"chardev '{self.id}': cannot open '{path}': {err.strerror or err}"
+            ) from err
+        asyncio.get_running_loop().add_reader(self._out, self._on_output)
+
+    def host_path(self) -> str:
+        """What the backend opens on the host: a file, a socket path or
+        HOST:PORT; the FIFOs' stem for a backend that opens nothing."""
+        if self.backend == "file":
+            return str(self.data["out"])
+        if self.backend != "socket":
+            return self.fifo_stem
+        where = self._address()
+        if "path" in where:
+            return str(where["path"])
+        return f"{where.get('host', '')}:{where.get('port')}"
+
+    def _address(self) -> Mapping[str, object]:
+        addr = typing.cast(Mapping[str, object], self.data.get("addr", {}))
+        return typing.cast(Mapping[str, object], addr.get("data", {}))
+
+    async def _serve(self) -> None:
+        """Open the backend's host side."""
+        loop = asyncio.get_running_loop()
+        if self.backend == "file":
+            mode = os.O_APPEND if self.data.get("append") else os.O_TRUNC
+            self._file = self._fds.open(self.host_path(), os.O_WRONLY | os.O_CREAT | mode)
+        elif self.backend == "socket" and "path" in self._address():
+            path = self.host_path()
+            listening = _bind_unix(path)
+            found = os.stat(path)
+            self._bound = (found.st_dev, found.st_ino)
+            self._server = await loop.create_unix_server(lambda: _Peer(self), sock=listening)
+        elif self.backend == "socket":
+            where = self._address()
+            host, port = str(where.get("host", "")) or None, int(str(where["port"]))
+            self._server = await loop.create_server(lambda: _Peer(self), host, port)
+
+    def close(self, *, remove: bool) -> None:
+        """Stop serving: clients go, the socket file too (if it is still ours);
+        ``remove``: the FIFOs as well (no engine has them any more)."""
+        loop = asyncio.get_running_loop()
+        for fd in (self._out, self._in):
+            if fd is not None:
+                loop.remove_reader(fd)
+                loop.remove_writer(fd)
+                os.close(fd)
+        self._out = self._in = None
+        self._pending.clear()
+        for peer in list(self._peers):
+            peer.transport.abort()
+        self._peers.clear()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._bound is not None:
+            _unlink_if_ours(self.host_path(), self._bound)
+            self._bound = None
+        if self._file is not None:
+            os.close(self._file)
+            self._file = None
+        if self.log is not None:
+            self.log.close()
+        if remove:
+            for suffix in (".in", ".out"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.fifo_stem + suffix)
+
+    def drain(self) -> None:
+        """Take what the engine wrote and nobody read yet (it is gone now)."""
+        while self._out is not None and self._read_once():
+            pass
+
+    # -- output and input ------------------------------------------------
+
+    def _on_output(self) -> None:
+        self._read_once()
+
+    def _read_once(self) -> bool:
+        assert self._out is not None
+        try:
+            chunk = os.read(self._out, READ_CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            log.warning("console %s: reading the engine's output failed: %s", self.id, err)
+            asyncio.get_running_loop().remove_reader(self._out)
+            return False
+        if chunk:
+            self.deliver(chunk)
+        return bool(chunk)
+
+    def deliver(self, chunk: bytes) -> None:
+        """Output from the guest: into the history, the log and the backend."""
+        self.history.append(chunk)
+        if self.log is not None:
+            self.log.append(chunk)
+        if self.ring is not None:
+            self.ring.write(chunk)
+        if self._file is not None:
+            try:
+                os.write(self._file, chunk)
+            except OSError as err:
+                log.warning("console %s: writing its file failed: %s", self.id, err)
+        for peer in list(self._peers):
+            peer.send(chunk)
+
+    def read_ring(self, size: int) -> bytes:
+        """``ringbuf-read``: consumed, and noted in the log for the next qmpvm."""
+        assert self.ring is not None
+        taken = self.ring.read(size)
+        if self.log is not None:
+            self.log.note_read(self.history.end - len(self.ring.data))
+        return taken
+
+    def write_input(self, data: bytes) -> None:
+        """Input for the guest; dropped with no engine, as a chardev with no
+        frontend drops it."""
+        if self._in is None:
+            return
+        if not self._pending:
+            try:
+                written = os.write(self._in, data)
+            except BlockingIOError:
+                written = 0
+            except OSError as err:
+                log.warning("console %s: writing input failed: %s", self.id, err)
+                return
+            data = data[written:]
+            if not data:
+                return
+            asyncio.get_running_loop().add_writer(self._in, self._flush_input)
+        self._pending += data
+        if len(self._pending) >= INPUT_PENDING:
+            for peer in self._peers:
+                peer.transport.pause_reading()
+
+    def _flush_input(self) -> None:
+        assert self._in is not None
+        try:
+            written = os.write(self._in, self._pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            written = len(self._pending)
+        del self._pending[:written]
+        if not self._pending:
+            asyncio.get_running_loop().remove_writer(self._in)
+            for peer in self._peers:
+                peer.transport.resume_reading()
+
+
+class _Peer(asyncio.Protocol):
+    """One client of a console's listening socket."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.transport: asyncio.Transport = typing.cast(asyncio.Transport, None)
+        self.name = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.name = f"{peer[0]}:{peer[1]}"
+            sock = transport.get_extra_info("socket")
+            if self.console.data.get("nodelay") and sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.console._peers.append(self)
+        if len(self.console._pending) >= INPUT_PENDING:
+            self.transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.console.write_input(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        with contextlib.suppress(ValueError):
+            self.console._peers.remove(self)
+
+    def send(self, chunk: bytes) -> None:
+        if self.transport.get_write_buffer_size() > CLIENT_LAG:
+            log.warning("console %s: dropped a client with %d bytes unread",
+                        self.console.id, self.transport.get_write_buffer_size())  # fmt: skip
+            self.transport.abort()
+            return
+        self.transport.write(chunk)
+
+
+class Consoles:
+    """Every owned console, by chardev id; the FIFOs in ``STATE/consoles``
+    (with the logs), or without a state directory in a private one."""
+
+    def __init__(self, state_dir: Path | None, fds: FdRegistry | None = None) -> None:
+        self._state_dir = state_dir
+        self._fds = fds
+        self._private: Path | None = None
+        self.by_id: dict[str, Console] = {}
+
+    def _directory(self) -> Path:
+        if self._state_dir is not None:
+            directory = self._state_dir / "consoles"
+            directory.mkdir(mode=0o700, exist_ok=True)
+            return directory
+        if self._private is None:
+            self._private = Path(tempfile.mkdtemp(prefix="qmpvm-consoles-"))
+        return self._private
+
+    def console(self, chardev_id: str) -> Console | None:
+        return self.by_id.get(chardev_id)
+
+    def _for(self, args: Mapping[str, object]) -> Console:
+        """The console of this chardev, kept if its definition is the same."""
+        chardev_id = str(args["id"])
+        found = self.by_id.get(chardev_id)
+        if found is None or found.args != args:
+            if found is not None:
+                self.forget(chardev_id)
+            directory = self._directory()
+            log_dir = directory if self._state_dir is not None else None
+            found = self.by_id[chardev_id] = Console(args, directory, log_dir, self._fds)
+        return found
+
+    async def open_all(self, config: Config, *, existing: bool = False) -> dict[str, str]:
+        """Serve every owned chardev of ``config`` for an engine about to start
+        (``existing``: one taken over): chardev id -> FIFO stem.  A console
+        that cannot be opened fails the start, with the others closed again;
+        one an engine taken over has lost is left closed, with a warning."""
+        owned = [r.args for r in config.of_kind(Kind.CHARDEV) if owns(r.args)]
+        for gone in set(self.by_id) - {str(args["id"]) for args in owned}:
+            self.forget(gone)
+        opened: dict[str, str] = {}
+        for args in owned:
+            console = self._for(args)
+            try:
+                await console.open(existing=existing)
+            except EngineError as err:
+                if existing:
+                    log.warning("%s: its output is lost until the machine is rebuilt", err)
+                    continue
+                self.close_all(remove=True)
+                raise
+            opened[console.id] = console.fifo_stem
+        return opened
+
+    async def open_one(self, args: Mapping[str, object]) -> str:
+        """A chardev hot-plugged: its FIFO stem, for the engine's pipe."""
+        console = self._for(args)
+        await console.open()
+        return console.fifo_stem
+
+    def engine_gone(self) -> None:
+        """The engine ended: keep what it printed last, close the rest."""
+        for console in self.by_id.values():
+            if console.is_open:
+                console.drain()
+        self.close_all(remove=True)
+
+    def close_all(self, *, remove: bool) -> None:
+        for console in self.by_id.values():
+            console.close(remove=remove)
+
+    def forget(self, chardev_id: str) -> None:
+        """The chardev left the configuration: its console and log go too."""
+        console = self.by_id.pop(chardev_id, None)
+        if console is not None:
+            console.close(remove=True)
+            if console.log is not None:
+                console.log.remove()
+
+    def remove_private(self) -> None:
+        """At exit: the private FIFO directory (not the state directory's)."""
+        if self._private is not None:
+            shutil.rmtree(self._private, ignore_errors=True)
+            self._private = None
+
+
+def _bind_unix(path: str) -> socket.socket:
+    """A listening socket at ``path``, replacing a stale socket there (the
+    chardev's checks refused any other file)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listening.bind(path)
+        listening.listen(16)
+    except OSError:
+        listening.close()
+        raise
+    return listening
+
+
+def _unlink_if_ours(path: str, bound: tuple[int, int]) -> None:
+    """Remove our socket file, not one another process bound there since
+    (a migration's destination on this host takes the same path)."""
+    with contextlib.suppress(OSError):
+        found = os.lstat(path)
+        if (found.st_dev, found.st_ino) == bound:
+            os.unlink(path)
