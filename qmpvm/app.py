@@ -226,7 +226,8 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
         else:
             await vmm.stop_engine()
         vmm.commit(before)
-        vmm.consoles.remove_private()
+        if not taken_over:
+            vmm.consoles.remove_fifo_dir()
         await server.close()
         store.close()
         return 1
@@ -244,7 +245,7 @@ async def serve(options: Options, early: EarlyMonitor | None = None) -> int:
     else:
         log.info("shutting down")
         await vmm.stop_engine(by_signal=bool(signalled))
-    vmm.consoles.remove_private()
+        vmm.consoles.remove_fifo_dir()
     await server.close()
     vmm.fds.close_all()
     store.close()

@@ -24,6 +24,8 @@ from qmpvm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MACHINE = 0
+RESERVED_FDSETS = 1_000_000_000
+"""fdset ids from here on are qmpvm's own, for the files it opens for the engine."""
 """Owner id of descriptors the configuration holds on to."""
 
 
@@ -77,6 +79,11 @@ class FdRegistry:
     def add_fd(self, fd: int, owner: int, fdset_id: int | None, opaque: str | None) -> int:
         if fdset_id is None:
             fdset_id = max(self.fdsets, default=-1) + 1
+        if fdset_id >= RESERVED_FDSETS:
+            _close(fd)
+            raise ConfigError(
+                f"fdset-id {fdset_id} is reserved: qmpvm's own start at {RESERVED_FDSETS}"
+            )
         elif not all(e.seen_by(owner) for e in self.fdsets.get(fdset_id, ())):
             _close(fd)
             raise ConfigError(f"fdset {fdset_id} belongs to another connection")

@@ -195,26 +195,35 @@ class Vmm:
         """Start the engine on ``config`` (the committed one by default);
         ``incoming``: to load its state from a migration stream, not boot."""
         from qmpvm.engine.machine import EngineMachine
+        from qmpvm.engine.process import may_switch_user
+        from qmpvm.host.opening import open_for_engine
 
         caps = await self.capabilities()
         self.status = "inmigrate" if incoming else "prelaunch"
         self.last_exit = None
         config = config or self.config
         consoles = await self.consoles.open_all(config)
+        host = None
         try:
-            self.machine = await EngineMachine.start(
+            host = open_for_engine(config, consoles, unprivileged=may_switch_user())
+            self.machine = machine = await EngineMachine.start(
                 config,
                 self.fds,
                 caps,
                 self.settings,
                 incoming=incoming,
-                consoles=consoles,
+                host=host,
                 on_event=self.relay,
                 on_exit=self._engine_exited,
             )
         except BaseException:
             self.consoles.close_all(remove=True)
             raise
+        finally:
+            if host is not None:
+                host.close()  # the engine has its own copies now
+        machine.consoles_dir = self.consoles.fifo_dir
+        machine.save_record()
 
     async def reattach(self) -> bool:
         """Take over the engine an earlier qmpvm left running in the state
@@ -242,7 +251,7 @@ class Vmm:
                 log.warning("%s", self.last_exit["reason"])
             return False
         self.machine = machine
-        await self.consoles.open_all(self.config, existing=True)
+        await self.consoles.open_all(self.config, taken_over=machine.consoles_dir)
         await _find_port_users(machine)
         log.info("took over the engine (pid %d) left running in %s", machine.pid, state_dir)
         status = await machine.execute("query-status", {})

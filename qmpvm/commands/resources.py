@@ -20,6 +20,7 @@ from qmpvm.config.resource import Kind
 from qmpvm.engine.launch import NO_HOTPLUG_MACHINES, machine_family
 from qmpvm.errors import ArgumentError, ConfigError, NotFoundError
 from qmpvm.host import console_wiring
+from qmpvm.host.opening import hand_over
 from qmpvm.keyval import coerce_property
 from qmpvm.monitor.dispatch import ENGINE_ARGS, Call
 from qmpvm.vmm import Vmm
@@ -71,9 +72,10 @@ async def add(call: Call) -> object:
         port = await _hotplug_port(vmm, live) if spec.kind is Kind.DEVICE else None
         if port is not None:
             live["bus"] = port
-        if served:
-            live = console_wiring.engine_chardev(args, await vmm.consoles.open_one(args))
         try:
+            console = await vmm.consoles.open_one(args) if served else None
+            item = kinds.make(spec.kind, live, 0)
+            live = dict(await hand_over(engine, item, console))
             result = await engine.execute(spec.add, live)
         except BaseException:
             if served:

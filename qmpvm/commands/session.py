@@ -124,7 +124,9 @@ async def query_machine(call: Call) -> object:
         from qmpvm.engine.confinement import describe
 
         machine = vmm.machine
-        engine["confinement"] = describe(machine.pid, vmm.config.machine.values, machine.cgroup_why)
+        engine["confinement"] = describe(
+            machine.pid, vmm.config.machine.values, machine.cgroup_why, machine.user_why
+        )
         reply["engine"] = engine
     if vmm.last_exit is not None:
         reply["last-exit"] = vmm.last_exit

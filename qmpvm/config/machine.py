@@ -96,7 +96,8 @@ SETTINGS: Mapping[str, Setting] = {
                 implied="enable"),
         Setting(name="confine", shape="object", option=None,
                 doc='the engine\'s confinement: {"seccomp": false} lifts its syscall filter, '
-                    '{"cgroup": false} leaves it in qmpvm\'s cgroup'),
+                    '{"cgroup": false} leaves it in qmpvm\'s cgroup, {"user": false} runs '
+                    'it as qmpvm\'s user'),
         Setting(name="limits", shape="object", option=None,
                 doc="the engine's cgroup limits: memory (bytes), pids, cpu (CPUs)"),
         Setting(name="icount", shape="object", option="-icount", group="icount",
@@ -229,7 +230,8 @@ def check_setting(name: str, value: object) -> object:
     return value
 
 
-CONFINEMENT_SWITCHES = frozenset({"seccomp", "cgroup"})
+CONFINEMENT_SWITCHES = frozenset({"seccomp", "cgroup", "user"})
+"""The parts of the engine's confinement ``machine-set {"confine": ...}`` turns off."""
 LIMITS = {"memory": "integer", "pids": "integer", "cpu": "number"}
 """The engine's cgroup limits: bytes, tasks, CPUs (``qmpvm.engine.cgroup`` writes them)."""
 
@@ -244,9 +246,6 @@ def _check_limits(limits: Mapping[str, object]) -> None:
             raise ArgumentError(f"Invalid parameter type for 'limits.{name}', expected: {kind}")
         if value <= 0:
             raise ArgumentError(f"Parameter 'limits.{name}' must be greater than zero")
-
-
-"""The parts of the engine's confinement ``machine-set {"confine": ...}`` turns off."""
 
 
 def _check_range(name: str, value: object) -> None:

@@ -14,10 +14,9 @@ from pathlib import Path
 
 WHY_OFF = {
     "no-new-privileges": "util-linux's setpriv, which sets it, is not installed",
-    "user": "the engine runs as qmpvm's user: qmpvm does not yet open the host "
-    "resources (disks, kernel, sockets) for it, which an unprivileged engine "
-    "could not open itself",
-    "root": "the engine sees the host's file system, for the same reason",
+    "user": "the engine runs as qmpvm's user",
+    "root": "the engine sees the host's file system: QEMU 7.2 still opens its firmware, "
+    "ROMs, keymaps and modules by name",
     "namespaces": "the engine shares qmpvm's namespaces: this host lets qmpvm make none "
     "(unshare is missing, or it lacks CAP_SYS_ADMIN)",
     "cgroup": "the engine shares qmpvm's cgroup",
@@ -27,11 +26,15 @@ NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user")
 
 
 def describe(
-    pid: int, settings: Mapping[str, object], cgroup_why: str | None = None
+    pid: int,
+    settings: Mapping[str, object],
+    cgroup_why: str | None = None,
+    user_why: str | None = None,
 ) -> dict[str, dict[str, object]]:
     """Each part: ``{"on": bool}``, with ``why`` when it is off (``user`` also
     gives the ``uid``).  ``settings``: the machine's, for why seccomp may be
-    off; ``cgroup_why``: why the engine got no cgroup of its own."""
+    off; ``cgroup_why``: why the engine got no cgroup of its own; ``user_why``:
+    why it runs as qmpvm's user."""
     status = _status(pid)
     own = [ns for ns in NAMESPACES if not _same(f"/proc/{pid}/ns/{ns}", f"/proc/self/ns/{ns}")]
     uid = int((status.get("Uid") or "0").split()[0])
@@ -46,6 +49,8 @@ def describe(
     why = {**WHY_OFF, "seccomp": _seccomp_off(settings)}
     if cgroup_why is not None:
         why["cgroup"] = cgroup_why
+    if user_why is not None:
+        why["user"] = f"the engine runs as qmpvm's user: {user_why}"
     parts: dict[str, dict[str, object]] = {
         name: {"on": True} if is_on else {"on": False, "why": why[name]}
         for name, is_on in on.items()

@@ -13,9 +13,8 @@ so those get the PCI addresses QEMU would give them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from qmpvm.config import chardev
@@ -25,7 +24,6 @@ from qmpvm.config.machine import SETTINGS, MachineConfig, MiB, as_object
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind, Resource
 from qmpvm.errors import ConfigError
-from qmpvm.host.console_wiring import engine_chardev
 from qmpvm.keyval import encode
 
 LINK_CHARDEV = "qmpvm-link"
@@ -70,11 +68,13 @@ def build_launch(
     incoming: bool = False,
     link_listens: bool = False,
     spawn: bool = False,
-    consoles: Mapping[str, str] | None = None,
+    consoles: bool = False,
+    inherited: Sequence[int] = (),
 ) -> LaunchPlan:
-    """The engine's argv and the descriptors it inherits; ``consoles``: the
-    chardevs qmpvm serves, by id, each with the FIFO stem the engine's pipe
-    chardev opens instead (``qmpvm.host``); ``incoming``: it
+    """The engine's argv and the descriptors it inherits; ``config`` is as
+    the engine is given it (``qmpvm.host.opening``), ``consoles``: qmpvm
+    serves some of its chardevs, ``inherited``: descriptors it names by
+    ``/proc/self/fd/N``; ``incoming``: it
     waits for its state (``migrate-incoming``) instead of booting, whatever
     ``incoming``/``loadvm`` the configuration names; ``link_listens``: the
     link descriptor is a listening socket, not a connected one; ``spawn``:
@@ -84,7 +84,7 @@ def build_launch(
     argv += sandbox_options(machine, spawn=spawn)
     # An engine that outlives qmpvm holds a powered-off guest until a qmpvm has
     # read the consoles' last output from their FIFOs (they go with the engine).
-    holds = link_listens and bool(consoles) and "shutdown" not in as_object(machine.get("action"))
+    holds = link_listens and consoles and "shutdown" not in as_object(machine.get("action"))
     if holds:
         argv += ["-action", "shutdown=pause"]
     boot = config.boot
@@ -96,18 +96,14 @@ def build_launch(
     link = f"socket,id={LINK_CHARDEV},fd={link_fd}"
     argv += ["-chardev", f"{link},server=on,wait=off" if link_listens else link]
     argv += ["-mon", f"chardev={LINK_CHARDEV},mode=control"]
-    pass_fds = [link_fd]
+    pass_fds = [link_fd, *inherited]
     for fdset_id, fds in sorted(fdsets.items()):
         for fd in fds:
             argv += ["-add-fd", f"fd={fd},set={fdset_id}"]
             pass_fds.append(fd)
     for kind in KINDS:
         for resource in config.of_kind(kind):
-            stem = (consoles or {}).get(resource.key) if kind is Kind.CHARDEV else None
-            given = resource
-            if stem is not None:  # served by qmpvm: the engine gets a pipe
-                given = dataclasses.replace(resource, args=engine_chardev(resource.args, stem))
-            value, fds = _option_value(given, named_fds)
+            value, fds = _option_value(resource, named_fds)
             argv += [KINDS[kind].option, value]
             pass_fds.extend(fds)
     ports: list[str] = []

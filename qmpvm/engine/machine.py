@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 from collections import deque
@@ -39,9 +40,12 @@ if TYPE_CHECKING:
     from qmpvm.engine.caps import Capabilities
     from qmpvm.engine.cgroup import EngineCgroup
     from qmpvm.engine.link import EngineLink
+    from qmpvm.host.opening import EngineFiles
 
 log = logging.getLogger(__name__)
 
+_ALIAS = re.compile(r"(?:/dev/fdset|/proc/self/fd)/\d+")
+"""How the engine names a descriptor qmpvm opened for it (``aliases``)."""
 STDERR_LINES = 50
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
@@ -76,6 +80,9 @@ class EngineMachine:
         self.state_dir: Path | None = None  # where its record is kept, if it outlives qmpvm
         self.cgroup: EngineCgroup | None = None  # its own, removed when it is gone
         self.cgroup_why: str | None = None  # why it has none
+        self.user_why: str | None = None  # why it runs as qmpvm's user
+        self.aliases: dict[str, str] = {}  # a descriptor's name it was given -> the path
+        self.consoles_dir: Path | None = None  # the FIFOs of consoles qmpvm serves
         self._supervisor: asyncio.Task[None] | None = None
 
     @property
@@ -91,13 +98,13 @@ class EngineMachine:
         settings: EngineSettings,
         *,
         incoming: bool = False,
-        consoles: Mapping[str, str] | None = None,
+        host: EngineFiles | None = None,
         on_event: Callable[[dict[str, object]], None],
         on_exit: Callable[[EngineMachine, dict[str, object]], None],
     ) -> EngineMachine:
         """Launch the engine; with ``settings.state_dir`` one that outlives qmpvm,
         its monitor listening in the state directory for whichever qmpvm comes;
-        ``consoles``: the chardevs qmpvm serves, by id, with their FIFO stems."""
+        ``host``: the files qmpvm opened for it, and the user it runs as."""
         from qmpvm.engine.host import choose_accel  # looks at the host: only when needed
 
         accel = choose_accel(config.machine.accel, runs_guest_code=config.machine.type != "none")
@@ -107,17 +114,19 @@ class EngineMachine:
         except OSError as err:  # e.g. out of descriptors: the client's error, not ours
             raise EngineError(f"cannot start the engine: {err.strerror}") from err
         try:
+            fdsets = {i: [e.fd for e in entries] for i, entries in fds.fdsets.items()}
             plan = build_launch(
-                config,
+                host.config if host else config,
                 binary=caps.binary if caps else settings.binary,
                 accel=accel,
                 link_fd=theirs.fileno(),
                 named_fds={name: entry.fd for name, entry in fds.named.items()},
-                fdsets={i: [e.fd for e in entries] for i, entries in fds.fdsets.items()},
+                fdsets={**fdsets, **(host.fdsets if host else {})},
                 incoming=incoming,
                 link_listens=keep is not None,
                 spawn=settings.allow_host_programs,
-                consoles=consoles,
+                consoles=host.serves_consoles if host else False,
+                inherited=host.inherited if host else (),
             )
         except BaseException:
             ours.close()
@@ -126,7 +135,7 @@ class EngineMachine:
         log.info("launching engine: %s", " ".join(plan.argv))
         stderr = EngineStderr(keep / record.LOG if keep else None)
         try:
-            process = await _launch(plan.argv, plan.pass_fds, stderr)
+            process = await _launch(plan.argv, plan.pass_fds, stderr, host.run_as if host else None)
         except OSError as err:
             ours.close()
             raise EngineError(f"cannot start the engine '{plan.argv[0]}': {err}") from err
@@ -164,6 +173,8 @@ class EngineMachine:
             raise EngineError(_failure_text(err, stderr.lines())) from err
         machine.state_dir = keep
         machine.cgroup, machine.cgroup_why = group, group_why
+        if host is not None:
+            machine.aliases, machine.user_why = dict(host.aliases), host.user_why
         machine.save_record()
         machine._supervisor = asyncio.get_running_loop().create_task(
             machine._supervise(stderr_task)
@@ -212,6 +223,8 @@ class EngineMachine:
         )
         machine.state_dir = state_dir
         machine.memory_from = found.memory_from
+        machine.aliases, machine.user_why = dict(found.aliases), found.user_why
+        machine.consoles_dir = Path(found.consoles_dir) if found.consoles_dir else None
         machine.holds_on_shutdown = found.holds_on_shutdown
         if found.cgroups:
             machine.cgroup = cgroup.EngineCgroup(tuple(Path(p) for p in found.cgroups))
@@ -235,6 +248,9 @@ class EngineMachine:
             hotplug_ports=self.hotplug_ports,
             memory_from=self.memory_from,
             holds_on_shutdown=self.holds_on_shutdown,
+            aliases=self.aliases,
+            user_why=self.user_why,
+            consoles_dir=str(self.consoles_dir) if self.consoles_dir else None,
             cgroups=tuple(str(p) for p in self.cgroup.paths) if self.cgroup else (),
         ).save(self.state_dir)
 
@@ -263,18 +279,34 @@ class EngineMachine:
     async def execute(
         self, name: str, arguments: Mapping[str, object] | None = None, *, fds: Sequence[int] = ()
     ) -> object:
-        """The engine's answer; a query it does not answer in ``QUERY_TIMEOUT``
-        (a stopped or stuck engine) is an error, so no client waits for ever."""
-        if not name.startswith("query-"):
-            return await self.link.execute(name, arguments, fds=fds)
+        """The engine's answer, with the names of descriptors qmpvm opened for
+        it given back as the paths they stand for; a query it does not answer
+        in ``QUERY_TIMEOUT`` (a stopped or stuck engine) is an error, so no
+        client waits for ever."""
         try:
+            if not name.startswith("query-"):
+                return self._unalias(await self.link.execute(name, arguments, fds=fds))
             async with asyncio.timeout(QUERY_TIMEOUT):
-                return await self.link.execute(name, arguments, fds=fds)
+                return self._unalias(await self.link.execute(name, arguments, fds=fds))
         except TimeoutError:
             raise EngineError(
                 f"The engine did not answer '{name}' in {QUERY_TIMEOUT:g} s "
                 f"(pid {self.pid}: stopped or stuck?)"
             ) from None
+        except EngineError as err:
+            err.desc = str(self._unalias(err.desc))
+            raise
+
+    def _unalias(self, value: object) -> object:
+        if not self.aliases:
+            return value
+        if isinstance(value, str):
+            return _ALIAS.sub(lambda m: self.aliases.get(m.group(0), m.group(0)), value)
+        if isinstance(value, list):
+            return [self._unalias(item) for item in value]
+        if isinstance(value, dict):
+            return {key: self._unalias(item) for key, item in value.items()}
+        return value
 
     async def ended(self) -> bool:
         """Whether the engine has exited and been reported, waiting up to
@@ -418,15 +450,21 @@ def _link_sockets(state_dir: Path | None) -> tuple[socket.socket, socket.socket]
 
 
 async def _launch(
-    argv: Sequence[str], pass_fds: Sequence[int], stderr: EngineStderr
+    argv: Sequence[str],
+    pass_fds: Sequence[int],
+    stderr: EngineStderr,
+    run_as: engine_process.RunAs | None,
 ) -> engine_process.EngineProcess:
     target = stderr.target()
     if stderr.log_path is None:
         return await engine_process.start(
-            argv, stdout=asyncio.subprocess.DEVNULL, stderr=target, pass_fds=pass_fds
-        )
+            argv, stdout=asyncio.subprocess.DEVNULL, stderr=target, pass_fds=pass_fds,
+            run_as=run_as,
+        )  # fmt: skip
     try:
-        child = engine_process.spawn_outliving(argv, stderr=target, pass_fds=pass_fds)
+        child = engine_process.spawn_outliving(
+            argv, stderr=target, pass_fds=pass_fds, run_as=run_as
+        )
     finally:
         os.close(target)
     return engine_process.WatchedProcess(child.pid, child)

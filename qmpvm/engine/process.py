@@ -34,14 +34,20 @@ SETPRIV = shutil.which("setpriv")
 _PR_SET_PDEATHSIG = 1
 
 
+RunAs = tuple[int, int, tuple[int, ...]]
+"""uid, gid and supplementary groups for an engine that is not to run as qmpvm's user."""
+
+
 async def start(
     argv: Sequence[str],
     *,
     stdout: int,
     stderr: int,
     pass_fds: Sequence[int] = (),
+    run_as: RunAs | None = None,
 ) -> asyncio.subprocess.Process:
-    """Start ``argv``, stdin from /dev/null, to be SIGKILLed when qmpvm exits.
+    """Start ``argv``, stdin from /dev/null, to be SIGKILLed when qmpvm exits;
+    ``run_as``: as that user (needs setpriv).
 
     A missing or non-executable ``argv[0]`` raises OSError here, as exec
     would (setpriv could only print it).
@@ -59,7 +65,7 @@ async def start(
             preexec_fn=die_with_parent,
         )
     return await asyncio.create_subprocess_exec(
-        *_confined(binary, die_with_qmpvm=True),
+        *_confined(binary, die_with_qmpvm=True, run_as=run_as),
         *argv[1:],
         stdin=subprocess.DEVNULL,
         stdout=stdout,
@@ -89,13 +95,25 @@ def namespaces_wrapper() -> tuple[str, ...]:
     return (unshare, *flags, "--")
 
 
-def _confined(binary: str, *, die_with_qmpvm: bool) -> list[str]:
-    """``binary`` behind setpriv (no new privileges, and the parent-death
-    signal unless it is to outlive qmpvm) and, where allowed, unshare."""
+def _confined(binary: str, *, die_with_qmpvm: bool, run_as: RunAs | None = None) -> list[str]:
+    """``binary`` behind setpriv (no new privileges, the parent-death signal
+    unless it is to outlive qmpvm, ``run_as``'s user) and, where allowed,
+    unshare (which runs first: making namespaces needs qmpvm's privileges)."""
     if SETPRIV is None:
         return [binary]
     death = ["--pdeathsig", "KILL"] if die_with_qmpvm else []
-    return [SETPRIV, *death, "--no-new-privs", "--", *namespaces_wrapper(), binary]
+    user: list[str] = []
+    if run_as is not None:
+        uid, gid, groups = run_as
+        user = [f"--reuid={uid}", f"--regid={gid}"]
+        user += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
+    setpriv = [SETPRIV, *death, *user, "--no-new-privs", "--", binary]
+    return [*namespaces_wrapper(), *setpriv]
+
+
+def may_switch_user() -> bool:
+    """Whether qmpvm can start the engine as another user (root, with setpriv)."""
+    return SETPRIV is not None and os.geteuid() == 0
 
 
 def _executable(name: str) -> str:
@@ -150,14 +168,14 @@ class EngineProcess(Protocol):
 
 
 def spawn_outliving(
-    argv: Sequence[str], *, stderr: int, pass_fds: Sequence[int]
+    argv: Sequence[str], *, stderr: int, pass_fds: Sequence[int], run_as: RunAs | None = None
 ) -> subprocess.Popen[bytes]:
     """Start ``argv`` to run on after qmpvm (``--state-dir``): no parent-death
     signal, a session of its own (a terminal's Ctrl-C to qmpvm's process
     group does not reach it), and not an asyncio child, which asyncio would
     kill when its transport is closed."""
     return subprocess.Popen(
-        [*_confined(_executable(argv[0]), die_with_qmpvm=False), *argv[1:]],
+        [*_confined(_executable(argv[0]), die_with_qmpvm=False, run_as=run_as), *argv[1:]],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=stderr,

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 RECORD = "engine.json"
@@ -31,6 +32,9 @@ class EngineRecord:
     hotplug_ports: tuple[str, ...]
     memory_from: str | None = None
     holds_on_shutdown: bool = False
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    user_why: str | None = None
+    consoles_dir: str | None = None
     cgroups: tuple[str, ...] = ()
 
     def save(self, state_dir: Path) -> None:
@@ -40,6 +44,7 @@ class EngineRecord:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as stream:
             doc = {**asdict(self), "hotplug_ports": list(self.hotplug_ports)}
+            doc["aliases"] = dict(self.aliases)
             json.dump({**doc, "cgroups": list(self.cgroups)}, stream)
             stream.flush()
             os.fsync(stream.fileno())
@@ -58,6 +63,9 @@ class EngineRecord:
                 hotplug_ports=tuple(str(p) for p in doc["hotplug_ports"]),
                 memory_from=doc.get("memory_from"),
                 holds_on_shutdown=bool(doc.get("holds_on_shutdown", False)),
+                aliases={str(k): str(v) for k, v in doc.get("aliases", {}).items()},
+                user_why=doc.get("user_why"),
+                consoles_dir=doc.get("consoles_dir"),
                 cgroups=tuple(str(p) for p in doc.get("cgroups", ())),
             )
         except (OSError, ValueError, KeyError, TypeError):

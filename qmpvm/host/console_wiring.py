@@ -1,11 +1,13 @@
 """Which chardevs qmpvm serves itself, and what the engine is given instead.
 
 A console qmpvm owns reaches the engine as a ``pipe`` chardev on two FIFOs,
-``STEM.in`` and ``STEM.out``, that the engine opens read-write.  The engine
-never sees their other end close, so while qmpvm restarts under a running
-guest the output waits in the pipe (1 MiB; beyond that the guest's UART
-waits) rather than being dropped, and the next qmpvm reads on.  The chardev
-keeps its id, so the devices that name it need no change.
+``STEM.in`` and ``STEM.out``, that the engine opens read-write (QEMU 7.2's
+``-chardev file`` cannot take an input file, or the engine would get them as
+fdsets).  The engine never sees their other end close, so while qmpvm
+restarts under a running guest the output waits in the pipe (1 MiB; beyond
+that the guest's UART waits) rather than being dropped, and the next qmpvm
+reads on.  The chardev keeps its id, so the devices that name it need no
+change.
 
 Owned: ``ringbuf``/``memory``, ``null``, ``file`` without an input file, and
 listening ``socket``s on a path or a TCP port without telnet, websocket,

@@ -48,17 +48,13 @@ class Console:
     """One owned chardev: its output history, and its I/O while an engine runs."""
 
     def __init__(
-        self,
-        args: Mapping[str, object],
-        directory: Path,
-        log_dir: Path | None,
-        fds: FdRegistry | None = None,
+        self, args: Mapping[str, object], log_dir: Path | None, fds: FdRegistry | None = None
     ) -> None:
         self.args = args
         self._fds = fds or FdRegistry()  # what a /dev/fdset/N path opens
         self.id = str(args["id"])
         self.backend, self.data = backend_of(args)
-        self.fifo_stem = str(directory / stem(self.id))
+        self.fifo_stem = ""  # set when it opens, in the FIFO directory of that engine
         self.log = ConsoleLog(log_dir, stem(self.id)) if log_dir is not None else None
         self.history = History()
         if self.log is not None:
@@ -89,11 +85,11 @@ class Console:
 
     # -- opening and closing, per engine ---------------------------------
 
-    async def open(self, *, existing: bool = False) -> None:
-        """Make the FIFOs (``existing``: find those an engine taken over has
-        open) and start serving.  EngineError, with nothing left open, if the
-        host refuses a path."""
-        path = self.fifo_stem
+    async def open(self, directory: Path, *, existing: bool = False) -> None:
+        """Make the FIFOs in ``directory`` (``existing``: find those an engine
+        taken over has open) and start serving.  EngineError, with nothing
+        left open, if the host refuses a path."""
+        self.fifo_stem = path = str(directory / stem(self.id))
         try:
             if not existing:
                 for suffix in (".in", ".out"):
@@ -150,6 +146,11 @@ class Console:
             host, port = str(where.get("host", "")) or None, int(str(where["port"]))
             self._server = await loop.create_server(lambda: _Peer(self), host, port)
 
+    def give_to(self, uid: int, gid: int) -> None:
+        """Make the FIFOs the engine's user's, for an engine that is not root."""
+        for suffix in (".in", ".out"):
+            os.chown(self.fifo_stem + suffix, uid, gid)
+
     def close(self, *, remove: bool) -> None:
         """Stop serving: clients go, the socket file too (if it is still ours);
         ``remove``: the FIFOs as well (no engine has them any more)."""
@@ -175,7 +176,7 @@ class Console:
             self._file = None
         if self.log is not None:
             self.log.close()
-        if remove:
+        if remove and self.fifo_stem:
             for suffix in (".in", ".out"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.fifo_stem + suffix)
@@ -301,23 +302,22 @@ class _Peer(asyncio.Protocol):
 
 
 class Consoles:
-    """Every owned console, by chardev id; the FIFOs in ``STATE/consoles``
-    (with the logs), or without a state directory in a private one."""
+    """Every owned console, by chardev id.  The FIFOs are in a directory of
+    their own (``fifo_dir``, in the temporary directory, mode 0711 so that an
+    unprivileged engine reaches them; an outliving engine's record names it);
+    the logs, with ``--state-dir``, in ``STATE/consoles``."""
 
     def __init__(self, state_dir: Path | None, fds: FdRegistry | None = None) -> None:
-        self._state_dir = state_dir
+        self._log_dir = state_dir / "consoles" if state_dir is not None else None
         self._fds = fds
-        self._private: Path | None = None
+        self.fifo_dir: Path | None = None
         self.by_id: dict[str, Console] = {}
 
     def _directory(self) -> Path:
-        if self._state_dir is not None:
-            directory = self._state_dir / "consoles"
-            directory.mkdir(mode=0o700, exist_ok=True)
-            return directory
-        if self._private is None:
-            self._private = Path(tempfile.mkdtemp(prefix="qmpvm-consoles-"))
-        return self._private
+        if self.fifo_dir is None:
+            self.fifo_dir = Path(tempfile.mkdtemp(prefix="qmpvm-consoles-"))
+            self.fifo_dir.chmod(0o711)
+        return self.fifo_dir
 
     def console(self, chardev_id: str) -> Console | None:
         return self.by_id.get(chardev_id)
@@ -329,38 +329,40 @@ class Consoles:
         if found is None or found.args != args:
             if found is not None:
                 self.forget(chardev_id)
-            directory = self._directory()
-            log_dir = directory if self._state_dir is not None else None
-            found = self.by_id[chardev_id] = Console(args, directory, log_dir, self._fds)
+            if self._log_dir is not None:
+                self._log_dir.mkdir(mode=0o700, exist_ok=True)
+            found = self.by_id[chardev_id] = Console(args, self._log_dir, self._fds)
         return found
 
-    async def open_all(self, config: Config, *, existing: bool = False) -> dict[str, str]:
-        """Serve every owned chardev of ``config`` for an engine about to start
-        (``existing``: one taken over): chardev id -> FIFO stem.  A console
-        that cannot be opened fails the start, with the others closed again;
-        one an engine taken over has lost is left closed, with a warning."""
+    async def open_all(self, config: Config, *, taken_over: Path | None = None) -> list[Console]:
+        """Serve every owned chardev of ``config`` for an engine about to start,
+        or (``taken_over``: its FIFO directory) one an earlier qmpvm left.  A
+        console that cannot be opened fails the start, with the others closed
+        again; one an engine taken over has lost is left closed, with a warning."""
+        if taken_over is not None:
+            self.fifo_dir = taken_over
         owned = [r.args for r in config.of_kind(Kind.CHARDEV) if owns(r.args)]
         for gone in set(self.by_id) - {str(args["id"]) for args in owned}:
             self.forget(gone)
-        opened: dict[str, str] = {}
+        opened: list[Console] = []
         for args in owned:
             console = self._for(args)
             try:
-                await console.open(existing=existing)
+                await console.open(self._directory(), existing=taken_over is not None)
             except EngineError as err:
-                if existing:
+                if taken_over is not None:
                     log.warning("%s: its output is lost until the machine is rebuilt", err)
                     continue
                 self.close_all(remove=True)
                 raise
-            opened[console.id] = console.fifo_stem
+            opened.append(console)
         return opened
 
-    async def open_one(self, args: Mapping[str, object]) -> str:
-        """A chardev hot-plugged: its FIFO stem, for the engine's pipe."""
+    async def open_one(self, args: Mapping[str, object]) -> Console:
+        """A chardev hot-plugged, served before the engine gets it."""
         console = self._for(args)
-        await console.open()
-        return console.fifo_stem
+        await console.open(self._directory())
+        return console
 
     def engine_gone(self) -> None:
         """The engine ended: keep what it printed last, close the rest."""
@@ -381,11 +383,11 @@ class Consoles:
             if console.log is not None:
                 console.log.remove()
 
-    def remove_private(self) -> None:
-        """At exit: the private FIFO directory (not the state directory's)."""
-        if self._private is not None:
-            shutil.rmtree(self._private, ignore_errors=True)
-            self._private = None
+    def remove_fifo_dir(self) -> None:
+        """At exit with no engine left running: the FIFO directory."""
+        if self.fifo_dir is not None:
+            shutil.rmtree(self.fifo_dir, ignore_errors=True)
+            self.fifo_dir = None
 
 
 def _bind_unix(path: str) -> socket.socket:

@@ -29,9 +29,9 @@ def unix_server(chardev_id: str, path: Path, **more: object) -> dict[str, object
 class Engine:
     """The engine's end of a console's FIFOs, opened as QEMU's pipe chardev opens them."""
 
-    def __init__(self, fifo_stem: str) -> None:
-        self.output = os.open(fifo_stem + ".out", os.O_RDWR)
-        self.input = os.open(fifo_stem + ".in", os.O_RDWR | os.O_NONBLOCK)
+    def __init__(self, console: Console) -> None:
+        self.output = os.open(console.fifo_stem + ".out", os.O_RDWR)
+        self.input = os.open(console.fifo_stem + ".in", os.O_RDWR | os.O_NONBLOCK)
 
     def prints(self, data: bytes) -> None:
         os.write(self.output, data)
@@ -136,9 +136,9 @@ def test_history_and_ring_keep_qemus_bounds() -> None:
 
 async def test_a_socket_console_serves_many_clients_both_ways(tmp_path: Path) -> None:
     path = tmp_path / "ttyS0.sock"
-    console = Console(unix_server("ser0", path), tmp_path, None)
-    await console.open()
-    engine = Engine(console.fifo_stem)
+    console = Console(unix_server("ser0", path), None)
+    await console.open(tmp_path)
+    engine = Engine(console)
     try:
         clients = [await asyncio.open_unix_connection(str(path)) for _ in range(3)]
         async with asyncio.timeout(10):
@@ -165,9 +165,9 @@ async def test_a_client_that_does_not_read_is_dropped_and_others_go_on(
 ) -> None:
     monkeypatch.setattr(consoles_module, "CLIENT_LAG", 64 * 1024)
     path = tmp_path / "c.sock"
-    console = Console(unix_server("ser0", path), tmp_path, None)
-    await console.open()
-    engine = Engine(console.fifo_stem)
+    console = Console(unix_server("ser0", path), None)
+    await console.open(tmp_path)
+    engine = Engine(console)
     stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(str(path))
@@ -194,9 +194,9 @@ async def test_output_waits_in_the_fifo_while_nobody_reads_and_logs_carry_histor
     """A restart: the first console goes without removing its FIFOs, the
     engine prints meanwhile, and the next console reads it and has the
     history and the ringbuf's unread part from the log."""
-    first = Console(chardev("ring", "ringbuf", size=64), tmp_path, tmp_path)
-    await first.open()
-    engine = Engine(first.fifo_stem)
+    first = Console(chardev("ring", "ringbuf", size=64), tmp_path)
+    await first.open(tmp_path)
+    engine = Engine(first)
     try:
         engine.prints(b"boot\n")
         async with asyncio.timeout(10):
@@ -205,10 +205,10 @@ async def test_output_waits_in_the_fifo_while_nobody_reads_and_logs_carry_histor
         assert first.read_ring(3) == b"boo"
         first.close(remove=False)  # qmpvm killed, or leaving with keep-machine
         engine.prints(b"while-away\n")
-        second = Console(chardev("ring", "ringbuf", size=64), tmp_path, tmp_path)
+        second = Console(chardev("ring", "ringbuf", size=64), tmp_path)
         assert second.history.tail() == b"boot\n"
         assert second.ring is not None and bytes(second.ring.data) == b"t\n"
-        await second.open(existing=True)
+        await second.open(tmp_path, existing=True)
         async with asyncio.timeout(10):
             while second.history.end < 16:
                 await asyncio.sleep(0.01)
@@ -217,7 +217,7 @@ async def test_output_waits_in_the_fifo_while_nobody_reads_and_logs_carry_histor
         second.close(remove=True)
     finally:
         engine.close()
-    third = Console(chardev("ring", "ringbuf", size=64), tmp_path, tmp_path)
+    third = Console(chardev("ring", "ringbuf", size=64), tmp_path)
     assert third.history.end == 16 and third.ring is not None and not third.ring.data
 
 
@@ -225,12 +225,12 @@ async def test_logs_rotate_and_keep_positions(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("qmpvm.host.console_output.LOG_LIMIT", 100)
-    console = Console(chardev("n", "null"), tmp_path, tmp_path)
+    console = Console(chardev("n", "null"), tmp_path)
     for index in range(25):
         console.deliver(f"line {index:02d}\n".encode())  # 8 bytes each
     console.close(remove=True)
     assert (tmp_path / "n.log.1").exists()
-    again = Console(chardev("n", "null"), tmp_path, tmp_path)
+    again = Console(chardev("n", "null"), tmp_path)
     assert again.history.end == 200
     assert again.history.tail().endswith(b"line 24\n")
 
@@ -238,8 +238,8 @@ async def test_logs_rotate_and_keep_positions(
 async def test_a_file_console_writes_its_file(tmp_path: Path) -> None:
     out = tmp_path / "serial.log"
     out.write_bytes(b"old\n")
-    console = Console(chardev("f", "file", out=str(out), append=True), tmp_path, None)
-    await console.open()
+    console = Console(chardev("f", "file", out=str(out), append=True), None)
+    await console.open(tmp_path)
     console.deliver(b"new\n")
     console.close(remove=True)
     assert out.read_bytes() == b"old\nnew\n"
@@ -247,17 +247,17 @@ async def test_a_file_console_writes_its_file(tmp_path: Path) -> None:
 
 async def test_a_path_the_host_refuses_is_an_error_naming_it(tmp_path: Path) -> None:
     missing = tmp_path / "no" / "such" / "dir" / "s.sock"
-    console = Console(unix_server("ser0", missing), tmp_path, None)
+    console = Console(unix_server("ser0", missing), None)
     with pytest.raises(EngineError, match=f"cannot open '{missing}': No such file"):
-        await console.open()
+        await console.open(tmp_path)
     assert not console.is_open
     assert not list(tmp_path.glob("ser0.*")), "nothing left behind"
 
 
 async def test_input_waits_when_the_guest_does_not_take_it(tmp_path: Path) -> None:
-    console = Console(chardev("n", "null"), tmp_path, None)
-    await console.open()
-    engine = Engine(console.fifo_stem)
+    console = Console(chardev("n", "null"), None)
+    await console.open(tmp_path)
+    engine = Engine(console)
     try:
         blob = os.urandom(3 * 1024 * 1024)  # more than the FIFO holds
         console.write_input(blob)

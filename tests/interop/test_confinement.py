@@ -8,52 +8,73 @@ from pathlib import Path
 import pytest
 from conftest import connect, quit_and_disconnect, start_qmpvm
 from qemu.qmp import ExecuteError
-from test_engine import configure
+from test_engine import BOOT_TIMEOUT, configure
 
 from qmpvm.engine.cgroup import hierarchies
 from qmpvm.engine.process import namespaces_wrapper
-from qmpvm.images import GuestImage
+from qmpvm.images import READY_MARKER, GuestImage
+from qmpvm.tools.console import RingbufConsole
 
 pytestmark = pytest.mark.usefixtures("guest")
 
 
-def seccomp_mode(pid: int) -> str:
+def status_field(pid: int, name: str) -> str:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("Seccomp:"):
+        if line.startswith(f"{name}:"):
             return line.split()[1]
-    raise AssertionError("no Seccomp line")
+    raise AssertionError(f"no {name} line")
 
 
-@pytest.mark.parametrize("seccomp", [True, False])
-async def test_the_engine_runs_under_a_syscall_filter(
-    tmp_path: Path, guest: GuestImage, seccomp: bool
+@pytest.mark.parametrize("confined", [True, False])
+async def test_the_engine_runs_unprivileged_under_a_syscall_filter(
+    tmp_path: Path, guest: GuestImage, confined: bool
 ) -> None:
     proc = start_qmpvm(tmp_path)
     client = await connect(proc)
     await configure(client, guest, tmp_path, serial="ringbuf")
-    with pytest.raises(ExecuteError, match=r"'confine\.user' is unexpected"):
-        await client.execute("machine-set", {"confine": {"user": False}})
-    if not seccomp:
-        await client.execute("machine-set", {"confine": {"seccomp": False}})
+    with pytest.raises(ExecuteError, match=r"'confine\.files' is unexpected"):
+        await client.execute("machine-set", {"confine": {"files": False}})
+    if not confined:
+        await client.execute("machine-set", {"confine": {"seccomp": False, "user": False}})
     await client.execute("machine-init")
     machine = await client.execute("query-machine")
     pid = machine["engine"]["pid"]
     confinement = machine["engine"]["confinement"]
-    assert seccomp_mode(pid) == ("2" if seccomp else "0")
-    assert confinement["seccomp"]["on"] is seccomp
-    if not seccomp:
+    assert status_field(pid, "Seccomp") == ("2" if confined else "0")
+    assert status_field(pid, "Uid") == ("65534" if confined else "0")
+    assert confinement["seccomp"]["on"] is confined
+    assert confinement["user"]["on"] is confined
+    assert confinement["user"]["uid"] == (65534 if confined else 0)
+    if not confined:
         assert "lifted it" in confinement["seccomp"]["why"]
+        assert "lifted it" in confinement["user"]["why"]
     # what is not built yet says so, as the kernel sees the process
-    assert confinement["user"] == {"on": False, "uid": 0, "why": confinement["user"]["why"]}
-    assert "does not yet open the host resources" in confinement["user"]["why"]
-    assert confinement["root"]["on"] is False
+    assert confinement["root"]["on"] is False and "by name" in confinement["root"]["why"]
     assert confinement["no-new-privileges"] == {"on": True}
     if namespaces_wrapper():  # this host lets qmpvm make namespaces
         assert confinement["namespaces"] == {"on": True, "own": ["ipc", "uts"]}
     with pytest.raises(ExecuteError, match="'confine' is a boot-only setting"):
         await client.execute("machine-set", {"confine": {"seccomp": True}})
     await client.execute("cont")
-    assert (await client.execute("query-status"))["status"] == "running"
+    console = RingbufConsole(client, "ser0")  # qmpvm opened the kernel and initrd for it
+    await console.expect(READY_MARKER, BOOT_TIMEOUT)
+    await quit_and_disconnect(client)
+
+
+async def test_what_the_engine_would_open_itself_keeps_it_privileged(
+    tmp_path: Path, guest: GuestImage
+) -> None:
+    """A configuration naming a host path qmpvm does not open for the engine
+    (here a chardev log file) keeps it as qmpvm's user, and says why."""
+    proc = start_qmpvm(tmp_path)
+    client = await connect(proc)
+    await configure(client, guest, tmp_path, serial="ringbuf")
+    log = {"logfile": str(tmp_path / "pty.log")}
+    await client.execute("chardev-add", {"id": "p", "backend": {"type": "pty", "data": log}})
+    await client.execute("machine-init")
+    part = (await client.execute("query-machine"))["engine"]["confinement"]["user"]
+    assert part["on"] is False and part["uid"] == 0
+    assert "chardev 'p' writes its log file" in part["why"]
     await quit_and_disconnect(client)
 
 

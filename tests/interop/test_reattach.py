@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
@@ -74,6 +75,8 @@ async def test_kill9_of_qmpvm_never_stops_the_guest(
     token = await start_ticker(console)
     engine = (await client.execute("query-machine"))["engine"]["pid"]
     exported = await client.execute("config-export")
+    fifos = EngineRecord.load(state).consoles_dir  # type: ignore[union-attr]
+    assert fifos is not None and (Path(fifos) / "ser0.out").exists()
     for round_ in range(ROUNDS):
         await drop(client)
         await console.close()
@@ -108,7 +111,8 @@ async def test_kill9_of_qmpvm_never_stops_the_guest(
     assert proc.process.wait(15) == 0
     wait_gone(engine)
     assert not (state / "engine.json").exists()
-    assert not list((state / "consoles").glob("*.in")), "the FIFOs went with the engine"
+    assert not Path(fifos).exists(), "the FIFOs went with the engine"
+    assert (state / "consoles" / "ser0.log").exists(), "the history stays"
 
 
 def _qmpvm_on(pid: int, state: Path) -> bool:
@@ -199,7 +203,9 @@ async def test_a_power_off_while_no_qmpvm_watches_is_finished_by_the_next(
     proc.process.kill()
     proc.process.wait()
     # typed with no qmpvm there: straight into the FIFO the engine reads
-    with open(state / "consoles" / "ser0.in", "wb", buffering=0) as guest_input:
+    fifos = EngineRecord.load(state).consoles_dir  # type: ignore[union-attr]
+    assert fifos is not None
+    with open(Path(fifos) / "ser0.in", "wb", buffering=0) as guest_input:
         guest_input.write(b"echo LAST-WORDS > /dev/ttyS1; poweroff -f\n")
     await engine_status(state / "engine.sock", "shutdown")  # held, paused, not exited
     assert identity(engine) is not None
@@ -225,3 +231,45 @@ async def engine_status(monitor: Path, wanted: str) -> None:
             await asyncio.sleep(0.05)
     finally:
         await engine.disconnect()
+
+
+async def test_the_engine_cannot_open_host_paths_itself(
+    tmp_path: Path, guest: GuestImage, state: Path
+) -> None:
+    """qmpvm opens the disks for the engine, which runs unprivileged: a
+    blockdev-add by path sent straight to the engine's own monitor fails,
+    while the same through qmpvm works (qmpvm opens the file and passes it)."""
+    disk, other = tmp_path / "disk.raw", tmp_path / "other.raw"
+    disk.write_bytes(os.urandom(1 << 20))
+    other.write_bytes(os.urandom(1 << 16))
+    node = {"driver": "raw", "node-name": "disk0",
+            "file": {"driver": "file", "filename": str(disk)}}  # fmt: skip
+    options = guest_options(
+        guest, tmp_path, "-blockdev", json.dumps(node), "-device", "virtio-blk-pci,drive=disk0"
+    )
+    proc = start_qmpvm(tmp_path, *options, state_dir=state)
+    client = await connect(proc)
+    engine = (await client.execute("query-machine"))["engine"]
+    assert engine["confinement"]["user"] == {"on": True, "uid": 65534}
+    files = [n["file"] for n in await client.execute("query-named-block-nodes")]
+    assert str(disk) in files and not any("/dev/fdset" in f for f in files), files
+    hot = {"driver": "file", "node-name": "hot0", "filename": str(other)}
+    await client.execute("blockdev-add", hot)
+    await quit_and_disconnect_keeping(client)
+    assert proc.process.wait(15) == 0
+    link = QMPClient("test-engine")
+    await link.connect(str(state / "engine.sock"))
+    try:
+        for name, path in (("sneaky", other), ("shadow", Path("/etc/shadow"))):
+            sneaky = {"driver": "file", "node-name": name, "filename": str(path), "read-only": True}
+            with pytest.raises(ExecuteError, match="Permission denied"):
+                await link.execute("blockdev-add", sneaky)
+    finally:
+        await link.disconnect()
+    proc = restart(tmp_path, state)
+    client = await connect(proc)
+    files = [n["file"] for n in await client.execute("query-named-block-nodes")]
+    assert str(other) in files, "the names come back after a takeover too"
+    await quit_and_disconnect(client)
+    assert proc.process.wait(15) == 0
+    wait_gone(engine["pid"])

@@ -1,0 +1,218 @@
+"""Opening the host files a configuration names, for one engine.
+
+The I/O half of ``qmpvm.host.engine_files``: images go into fdsets of
+qmpvm's own (read-only, and read-write unless read-only), the kernel and
+initrd are inherited (copied into a memfd first when the engine's user could
+not open the file by its ``/proc/self/fd`` name), and the FIFOs of each
+console qmpvm serves are made the engine's user's.  A file the host refuses is an
+EngineError naming it, with everything opened so far closed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from qmpvm.config.machine import as_object
+from qmpvm.config.model import Config
+from qmpvm.config.resource import Resource
+from qmpvm.errors import ConfigError, EngineError
+from qmpvm.host.console_wiring import engine_chardev
+from qmpvm.host.consoles import Console
+from qmpvm.host.engine_files import FDSET_BASE, HostFile, engine_config, plan
+
+if TYPE_CHECKING:
+    from qmpvm.engine.machine import EngineMachine
+
+ENGINE_USER = (65534, 65534)
+"""nobody:nogroup, the engine's user where it can run unprivileged."""
+KVM_DEVICE = "/dev/kvm"
+
+
+@dataclass(slots=True)
+class EngineFiles:
+    """What qmpvm opened for one engine start; closed once the engine has them."""
+
+    config: Config  # as the engine is given it
+    fdsets: dict[int, list[int]] = field(default_factory=dict)
+    inherited: list[int] = field(default_factory=list)
+    aliases: dict[str, str] = field(default_factory=dict)  # engine name -> the user's path
+    run_as: tuple[int, int, tuple[int, ...]] | None = None  # uid, gid, groups
+    serves_consoles: bool = False  # some of its chardevs are qmpvm's
+    user_why: str | None = None  # why the engine keeps qmpvm's user
+
+    def close(self) -> None:
+        for fd in [*self.inherited, *(fd for fds in self.fdsets.values() for fd in fds)]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.inherited.clear()
+        self.fdsets.clear()
+
+
+def open_for_engine(
+    config: Config, consoles: Iterable[Console], *, unprivileged: bool = True
+) -> EngineFiles:
+    """Open what ``config`` names for a new engine; ``unprivileged``: qmpvm may
+    run it as ``ENGINE_USER`` (it is root, and setpriv is there)."""
+    found = plan(config)
+    opened = EngineFiles(config)
+    try:
+        paths: dict[str, str] = {}
+        blockers = list(found.blockers)
+        next_set = FDSET_BASE
+        for image in found.files:
+            if image.path in paths:
+                continue
+            fds = _open_image(image)
+            opened.fdsets[next_set] = fds
+            paths[image.path] = f"/dev/fdset/{next_set}"
+            next_set += 1
+            blockers += _image_blockers(image, fds[0], config)
+        console_args = {c.id: engine_chardev(c.args, c.fifo_stem) for c in consoles}
+        opened.serves_consoles = bool(console_args)
+        opened.user_why = _user_why(config, blockers, unprivileged)
+        private = opened.user_why is None
+        for console in consoles if private else ():
+            console.give_to(*ENGINE_USER)
+        for path in found.boot:
+            fd = _open_boot_file(path, private=private)
+            opened.inherited.append(fd)
+            paths[path] = f"/proc/self/fd/{fd}"
+        if private:
+            opened.run_as = (*ENGINE_USER, _engine_groups(config))
+        opened.aliases = {name: path for path, name in paths.items()}
+        opened.config = engine_config(config, paths, console_args)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def _open_image(image: HostFile) -> list[int]:
+    """One descriptor: read-write unless the image is read-only or the host
+    refuses that (as QEMU's auto-read-only falls back), else read-only.  One
+    only: QEMU's image locks belong to the open file, and a second one in
+    the set would keep the locks of the first against the engine itself."""
+    if not image.read_only:
+        with contextlib.suppress(OSError):
+            return [os.open(image.path, os.O_RDWR | os.O_CLOEXEC)]
+    try:
+        return [os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)]
+    except OSError as err:
+        raise EngineError(
+            f"{image.what}: cannot open '{image.path}': {err.strerror or err}"
+        ) from err
+
+
+QCOW2_MAGIC, QED_MAGIC, VMDK_MAGIC = b"QFI\xfb", b"QED\x00", b"KDMV"
+
+
+def _image_blockers(image: HostFile, fd: int, config: Config) -> list[str]:
+    """Files an image's header names, which the engine would open by name."""
+    try:
+        header = os.pread(fd, 64, 0)
+    except OSError:
+        return []
+    if header.startswith(QCOW2_MAGIC) and int.from_bytes(header[8:16], "big") != 0:
+        explicit = any("backing" in str(r.args) for r in config.resources)
+        if not explicit:
+            return [f"{image.what}: '{image.path}' names a backing file the engine opens itself"]
+    if header.startswith(QED_MAGIC) and int.from_bytes(header[56:60], "little") != 0:
+        return [f"{image.what}: '{image.path}' names a backing file the engine opens itself"]
+    if header.startswith(VMDK_MAGIC) or header.startswith(b"# Disk DescriptorFile"):
+        return [f"{image.what}: '{image.path}' is a VMDK, whose extents the engine opens"]
+    return []
+
+
+def _open_boot_file(path: str, *, private: bool) -> int:
+    """The kernel or initrd, inheritable; for an unprivileged engine, a copy
+    in a memfd if others may not read the file (its name would not open)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as err:
+        raise EngineError(f"boot file: cannot open '{path}': {err.strerror or err}") from err
+    if not private or os.fstat(fd).st_mode & stat.S_IROTH:
+        os.set_inheritable(fd, True)
+        return fd
+    try:
+        copy = os.memfd_create(os.path.basename(path), 0)
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            sent = os.sendfile(copy, fd, offset, size - offset)
+            if sent == 0:
+                break
+            offset += sent
+        os.lseek(copy, 0, os.SEEK_SET)
+        os.set_inheritable(copy, True)
+        return copy
+    finally:
+        os.close(fd)
+
+
+def _user_why(config: Config, blockers: list[str], allowed: bool) -> str | None:
+    if as_object(config.machine.get("confine")).get("user", True) is False:
+        return 'machine-set {"confine": {"user": false}} lifted it'
+    if not allowed:
+        return "qmpvm is not root, or setpriv (util-linux) is missing, so it cannot switch user"
+    if blockers:
+        more = f" (and {len(blockers) - 1} more)" if len(blockers) > 1 else ""
+        return f"{blockers[0]}{more}"
+    return None
+
+
+def _engine_groups(config: Config) -> tuple[int, ...]:
+    """Supplementary groups the unprivileged engine needs: /dev/kvm's, for KVM."""
+    if "kvm" not in str(config.machine.accel or ""):
+        return ()
+    try:
+        return (os.stat(KVM_DEVICE).st_gid,)
+    except OSError:
+        return ()
+
+
+async def hand_over(
+    machine: EngineMachine, resource: Resource, console: Console | None
+) -> Mapping[str, object]:
+    """The arguments the running engine gets for an item hot-plugged: the
+    files it names opened here and passed over the private link as fdsets
+    (``console``: the console qmpvm serves for a chardev).  Refused if the
+    engine runs unprivileged and the item needs it to open host paths itself."""
+    item = Config(resources=(resource,))
+    found = plan(item)
+    private = machine.user_why is None
+    if private and found.blockers:
+        raise ConfigError(f"the engine runs unprivileged, and {found.blockers[0]}")
+    opened: list[list[int]] = []
+    try:
+        for image in found.files:
+            opened.append(_open_image(image))
+            if private and _image_blockers(image, opened[-1][0], item):
+                raise ConfigError(
+                    f"the engine runs unprivileged, and {image.what}: '{image.path}' "
+                    "names a backing file it would open itself"
+                )
+        console_args: dict[str, Mapping[str, object]] = {}
+        if console is not None:
+            console_args[console.id] = engine_chardev(console.args, console.fifo_stem)
+            if private:
+                console.give_to(*ENGINE_USER)
+        if not opened:
+            return engine_config(item, {}, console_args).resources[0].args
+        known = await machine.execute("query-fdsets", {})
+        used = [int(entry["fdset-id"]) for entry in known] if isinstance(known, list) else []
+        first = max([FDSET_BASE - 1, *used]) + 1
+        for set_id, fds in enumerate(opened, start=first):
+            for fd in fds:
+                await machine.execute("add-fd", {"fdset-id": set_id}, fds=[fd])
+    finally:
+        for fd in (fd for fds in opened for fd in fds):
+            os.close(fd)
+    paths = {image.path: f"/dev/fdset/{first + n}" for n, image in enumerate(found.files)}
+    machine.aliases.update({name: path for path, name in paths.items()})
+    machine.save_record()
+    return engine_config(item, paths, console_args).resources[0].args
