@@ -195,7 +195,7 @@ class Vmm:
         """Start the engine on ``config`` (the committed one by default);
         ``incoming``: to load its state from a migration stream, not boot."""
         from qmpvm.engine.machine import EngineMachine
-        from qmpvm.engine.process import may_switch_user
+        from qmpvm.engine.process import may_give_own_root, may_switch_user
         from qmpvm.host.opening import open_for_engine
 
         caps = await self.capabilities()
@@ -205,7 +205,13 @@ class Vmm:
         consoles = await self.consoles.open_all(config)
         host = None
         try:
-            host = open_for_engine(config, consoles, unprivileged=may_switch_user())
+            host = open_for_engine(
+                config,
+                consoles,
+                unprivileged=may_switch_user(),
+                own_root=may_give_own_root(caps.binary if caps else self.settings.binary),
+                shared=(str(self.consoles.directory()),),
+            )
             self.machine = machine = await EngineMachine.start(
                 config,
                 self.fds,

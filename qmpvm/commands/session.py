@@ -125,7 +125,11 @@ async def query_machine(call: Call) -> object:
 
         machine = vmm.machine
         engine["confinement"] = describe(
-            machine.pid, vmm.config.machine.values, machine.cgroup_why, machine.user_why
+            machine.pid,
+            vmm.config.machine.values,
+            machine.cgroup_why,
+            machine.user_why,
+            machine.root_why,
         )
         reply["engine"] = engine
     if vmm.last_exit is not None:

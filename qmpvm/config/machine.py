@@ -97,7 +97,7 @@ SETTINGS: Mapping[str, Setting] = {
         Setting(name="confine", shape="object", option=None,
                 doc='the engine\'s confinement: {"seccomp": false} lifts its syscall filter, '
                     '{"cgroup": false} leaves it in qmpvm\'s cgroup, {"user": false} runs '
-                    'it as qmpvm\'s user'),
+                    'it as qmpvm\'s user, {"root": false} lets it see the host\'s files'),
         Setting(name="limits", shape="object", option=None,
                 doc="the engine's cgroup limits: memory (bytes), pids, cpu (CPUs)"),
         Setting(name="icount", shape="object", option="-icount", group="icount",
@@ -230,7 +230,7 @@ def check_setting(name: str, value: object) -> object:
     return value
 
 
-CONFINEMENT_SWITCHES = frozenset({"seccomp", "cgroup", "user"})
+CONFINEMENT_SWITCHES = frozenset({"seccomp", "cgroup", "user", "root"})
 """The parts of the engine's confinement ``machine-set {"confine": ...}`` turns off."""
 LIMITS = {"memory": "integer", "pids": "integer", "cpu": "number"}
 """The engine's cgroup limits: bytes, tasks, CPUs (``qmpvm.engine.cgroup`` writes them)."""

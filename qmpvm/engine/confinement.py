@@ -15,8 +15,7 @@ from pathlib import Path
 WHY_OFF = {
     "no-new-privileges": "util-linux's setpriv, which sets it, is not installed",
     "user": "the engine runs as qmpvm's user",
-    "root": "the engine sees the host's file system: QEMU 7.2 still opens its firmware, "
-    "ROMs, keymaps and modules by name",
+    "root": "the engine sees the host's file system",
     "namespaces": "the engine shares qmpvm's namespaces: this host lets qmpvm make none "
     "(unshare is missing, or it lacks CAP_SYS_ADMIN)",
     "cgroup": "the engine shares qmpvm's cgroup",
@@ -30,11 +29,12 @@ def describe(
     settings: Mapping[str, object],
     cgroup_why: str | None = None,
     user_why: str | None = None,
+    root_why: str | None = None,
 ) -> dict[str, dict[str, object]]:
     """Each part: ``{"on": bool}``, with ``why`` when it is off (``user`` also
     gives the ``uid``).  ``settings``: the machine's, for why seccomp may be
     off; ``cgroup_why``: why the engine got no cgroup of its own; ``user_why``:
-    why it runs as qmpvm's user."""
+    why it runs as qmpvm's user; ``root_why``: why it sees the host's files."""
     status = _status(pid)
     own = [ns for ns in NAMESPACES if not _same(f"/proc/{pid}/ns/{ns}", f"/proc/self/ns/{ns}")]
     uid = int((status.get("Uid") or "0").split()[0])
@@ -51,6 +51,8 @@ def describe(
         why["cgroup"] = cgroup_why
     if user_why is not None:
         why["user"] = f"the engine runs as qmpvm's user: {user_why}"
+    if root_why is not None:
+        why["root"] = f"the engine sees the host's file system: {root_why}"
     parts: dict[str, dict[str, object]] = {
         name: {"on": True} if is_on else {"on": False, "why": why[name]}
         for name, is_on in on.items()

@@ -81,6 +81,7 @@ class EngineMachine:
         self.cgroup: EngineCgroup | None = None  # its own, removed when it is gone
         self.cgroup_why: str | None = None  # why it has none
         self.user_why: str | None = None  # why it runs as qmpvm's user
+        self.root_why: str | None = None  # why it sees the host's file system
         self.aliases: dict[str, str] = {}  # a descriptor's name it was given -> the path
         self.consoles_dir: Path | None = None  # the FIFOs of consoles qmpvm serves
         self._supervisor: asyncio.Task[None] | None = None
@@ -175,6 +176,7 @@ class EngineMachine:
         machine.cgroup, machine.cgroup_why = group, group_why
         if host is not None:
             machine.aliases, machine.user_why = dict(host.aliases), host.user_why
+            machine.root_why = host.root_why
         machine.save_record()
         machine._supervisor = asyncio.get_running_loop().create_task(
             machine._supervise(stderr_task)
@@ -224,6 +226,7 @@ class EngineMachine:
         machine.state_dir = state_dir
         machine.memory_from = found.memory_from
         machine.aliases, machine.user_why = dict(found.aliases), found.user_why
+        machine.root_why = found.root_why
         machine.consoles_dir = Path(found.consoles_dir) if found.consoles_dir else None
         machine.holds_on_shutdown = found.holds_on_shutdown
         if found.cgroups:
@@ -250,6 +253,7 @@ class EngineMachine:
             holds_on_shutdown=self.holds_on_shutdown,
             aliases=self.aliases,
             user_why=self.user_why,
+            root_why=self.root_why,
             consoles_dir=str(self.consoles_dir) if self.consoles_dir else None,
             cgroups=tuple(str(p) for p in self.cgroup.paths) if self.cgroup else (),
         ).save(self.state_dir)

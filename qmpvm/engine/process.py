@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 SETPRIV = shutil.which("setpriv")
@@ -34,8 +35,49 @@ SETPRIV = shutil.which("setpriv")
 _PR_SET_PDEATHSIG = 1
 
 
-RunAs = tuple[int, int, tuple[int, ...]]
-"""uid, gid and supplementary groups for an engine that is not to run as qmpvm's user."""
+@dataclass(frozen=True, slots=True)
+class RunAs:
+    """An engine that is not to run as qmpvm's user: its uid, gid and groups,
+    and, for a root of its own (``own_root``), the host directories it still
+    reaches there (besides ``/usr``, ``/proc`` and a few devices)."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+    own_root: bool = False
+    shared: tuple[str, ...] = ()
+
+
+ENGINE_ROOT = r"""
+set -e
+r=/mnt
+mount -t tmpfs -o mode=0755,size=1m qmpvm-engine-root "$r"
+mkdir -p "$r/usr" "$r/proc" "$r/dev/pts" "$r/etc" "$r/var/tmp"
+mount --rbind /usr "$r/usr"
+mount -o remount,bind,ro "$r/usr"
+for l in lib lib32 lib64 libx32 bin sbin; do
+  if [ -L "/$l" ]; then ln -s "$(readlink "/$l")" "$r/$l"; fi
+done
+mount --rbind /proc "$r/proc"
+for d in null zero full urandom random kvm ptmx net/tun; do
+  if [ -e "/dev/$d" ]; then
+    mkdir -p "$(dirname "$r/dev/$d")"; touch "$r/dev/$d"; mount --bind "/dev/$d" "$r/dev/$d"
+  fi
+done
+mount --bind /dev/pts "$r/dev/pts"
+mount --bind /var/tmp "$r/var/tmp"
+touch "$r/etc/ld.so.cache"; mount --bind /etc/ld.so.cache "$r/etc/ld.so.cache"
+while [ "$1" != "--" ]; do
+  mkdir -p "$r$1"; mount --bind "$1" "$r$1"; shift
+done
+shift
+exec chroot "$r" "$@"
+"""
+"""Run in a mount namespace of the engine's own, before it starts: an empty
+root (a small tmpfs) with the host's ``/usr`` (read-only: the engine, its
+libraries, firmware, keymaps and modules), ``/proc`` (the ``/proc/self/fd``
+names of what qmpvm opened), the devices QEMU opens, ``/var/tmp`` (for
+``-snapshot``), and the directories given as arguments before ``--``."""
 
 
 async def start(
@@ -104,16 +146,32 @@ def _confined(binary: str, *, die_with_qmpvm: bool, run_as: RunAs | None = None)
     death = ["--pdeathsig", "KILL"] if die_with_qmpvm else []
     user: list[str] = []
     if run_as is not None:
-        uid, gid, groups = run_as
-        user = [f"--reuid={uid}", f"--regid={gid}"]
-        user += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
+        user = [f"--reuid={run_as.uid}", f"--regid={run_as.gid}"]
+        groups = ",".join(map(str, run_as.groups))
+        user += [f"--groups={groups}"] if groups else ["--clear-groups"]
     setpriv = [SETPRIV, *death, *user, "--no-new-privs", "--", binary]
-    return [*namespaces_wrapper(), *setpriv]
+    namespaces = namespaces_wrapper()
+    if run_as is not None and run_as.own_root and namespaces:
+        unshare, *flags, _end = namespaces
+        root = ["sh", "-c", ENGINE_ROOT, "sh", *run_as.shared, "--"]
+        return [unshare, "--mount", *flags, "--", *root, *setpriv]
+    return [*namespaces, *setpriv]
 
 
 def may_switch_user() -> bool:
     """Whether qmpvm can start the engine as another user (root, with setpriv)."""
     return SETPRIV is not None and os.geteuid() == 0
+
+
+def may_give_own_root(binary: str) -> bool:
+    """Whether qmpvm can give the engine a root of its own: it may make
+    namespaces, the tools are there, and the engine lives under /usr."""
+    try:
+        under_usr = os.path.realpath(_executable(binary)).startswith("/usr/")
+    except OSError:
+        return False
+    tools = ("sh", "mount", "chroot")
+    return under_usr and bool(namespaces_wrapper()) and all(map(shutil.which, tools))
 
 
 def _executable(name: str) -> str:

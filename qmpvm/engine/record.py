@@ -34,6 +34,7 @@ class EngineRecord:
     holds_on_shutdown: bool = False
     aliases: Mapping[str, str] = field(default_factory=dict)
     user_why: str | None = None
+    root_why: str | None = None
     consoles_dir: str | None = None
     cgroups: tuple[str, ...] = ()
 
@@ -65,6 +66,7 @@ class EngineRecord:
                 holds_on_shutdown=bool(doc.get("holds_on_shutdown", False)),
                 aliases={str(k): str(v) for k, v in doc.get("aliases", {}).items()},
                 user_why=doc.get("user_why"),
+                root_why=doc.get("root_why"),
                 consoles_dir=doc.get("consoles_dir"),
                 cgroups=tuple(str(p) for p in doc.get("cgroups", ())),
             )

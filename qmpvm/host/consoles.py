@@ -313,7 +313,8 @@ class Consoles:
         self.fifo_dir: Path | None = None
         self.by_id: dict[str, Console] = {}
 
-    def _directory(self) -> Path:
+    def directory(self) -> Path:
+        """The FIFO directory, made on first use."""
         if self.fifo_dir is None:
             self.fifo_dir = Path(tempfile.mkdtemp(prefix="qmpvm-consoles-"))
             self.fifo_dir.chmod(0o711)
@@ -348,7 +349,7 @@ class Consoles:
         for args in owned:
             console = self._for(args)
             try:
-                await console.open(self._directory(), existing=taken_over is not None)
+                await console.open(self.directory(), existing=taken_over is not None)
             except EngineError as err:
                 if taken_over is not None:
                     log.warning("%s: its output is lost until the machine is rebuilt", err)
@@ -361,7 +362,7 @@ class Consoles:
     async def open_one(self, args: Mapping[str, object]) -> Console:
         """A chardev hot-plugged, served before the engine gets it."""
         console = self._for(args)
-        await console.open(self._directory())
+        await console.open(self.directory())
         return console
 
     def engine_gone(self) -> None:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from qmpvm.config.machine import as_object
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Resource
+from qmpvm.engine.process import RunAs
 from qmpvm.errors import ConfigError, EngineError
 from qmpvm.host.console_wiring import engine_chardev
 from qmpvm.host.consoles import Console
@@ -41,9 +42,10 @@ class EngineFiles:
     fdsets: dict[int, list[int]] = field(default_factory=dict)
     inherited: list[int] = field(default_factory=list)
     aliases: dict[str, str] = field(default_factory=dict)  # engine name -> the user's path
-    run_as: tuple[int, int, tuple[int, ...]] | None = None  # uid, gid, groups
+    run_as: RunAs | None = None
     serves_consoles: bool = False  # some of its chardevs are qmpvm's
     user_why: str | None = None  # why the engine keeps qmpvm's user
+    root_why: str | None = None  # why it sees the host's file system
 
     def close(self) -> None:
         for fd in [*self.inherited, *(fd for fds in self.fdsets.values() for fd in fds)]:
@@ -54,10 +56,16 @@ class EngineFiles:
 
 
 def open_for_engine(
-    config: Config, consoles: Iterable[Console], *, unprivileged: bool = True
+    config: Config,
+    consoles: Iterable[Console],
+    *,
+    unprivileged: bool = True,
+    own_root: bool = True,
+    shared: tuple[str, ...] = (),
 ) -> EngineFiles:
     """Open what ``config`` names for a new engine; ``unprivileged``: qmpvm may
-    run it as ``ENGINE_USER`` (it is root, and setpriv is there)."""
+    run it as ``ENGINE_USER`` (it is root, and setpriv is there); ``own_root``:
+    it may give it a root of its own, where it reaches ``shared`` directories."""
     found = plan(config)
     opened = EngineFiles(config)
     try:
@@ -82,8 +90,14 @@ def open_for_engine(
             fd = _open_boot_file(path, private=private)
             opened.inherited.append(fd)
             paths[path] = f"/proc/self/fd/{fd}"
+        opened.root_why = _root_why(config, opened.user_why, own_root)
         if private:
-            opened.run_as = (*ENGINE_USER, _engine_groups(config))
+            opened.run_as = RunAs(
+                *ENGINE_USER,
+                groups=_engine_groups(config),
+                own_root=opened.root_why is None,
+                shared=shared,
+            )
         opened.aliases = {name: path for path, name in paths.items()}
         opened.config = engine_config(config, paths, console_args)
     except BaseException:
@@ -162,6 +176,19 @@ def _user_why(config: Config, blockers: list[str], allowed: bool) -> str | None:
     if blockers:
         more = f" (and {len(blockers) - 1} more)" if len(blockers) > 1 else ""
         return f"{blockers[0]}{more}"
+    return None
+
+
+def _root_why(config: Config, user_why: str | None, allowed: bool) -> str | None:
+    if as_object(config.machine.get("confine")).get("root", True) is False:
+        return 'machine-set {"confine": {"root": false}} lifted it'
+    if user_why is not None:
+        return "the engine runs as qmpvm's user, and opens host paths itself"
+    if not allowed:
+        return (
+            "qmpvm cannot make it one here (no mount namespace, sh, mount or chroot, "
+            "or the engine is not under /usr)"
+        )
     return None
 
 

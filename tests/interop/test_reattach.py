@@ -260,9 +260,10 @@ async def test_the_engine_cannot_open_host_paths_itself(
     link = QMPClient("test-engine")
     await link.connect(str(state / "engine.sock"))
     try:
+        # as nobody, in a root of its own: the host's files are not there, or not its
         for name, path in (("sneaky", other), ("shadow", Path("/etc/shadow"))):
             sneaky = {"driver": "file", "node-name": name, "filename": str(path), "read-only": True}
-            with pytest.raises(ExecuteError, match="Permission denied"):
+            with pytest.raises(ExecuteError, match=r"Permission denied|No such file"):
                 await link.execute("blockdev-add", sneaky)
     finally:
         await link.disconnect()
