@@ -86,7 +86,7 @@ async def console_history(call: Call) -> object:
             raise ConfigError(f"Device '{device}' not found")
         raise ConfigError(
             f"chardev '{device}' is served by the engine, which keeps no history of it "
-            "(qmpvm serves ringbuf, null, file and listening socket chardevs)"
+            "(qmpvm serves ringbuf, null, stdio, file and listening socket chardevs)"
         )
     history = console.history
     size, since = call.args.get("size"), call.args.get("since")

@@ -52,6 +52,8 @@ async def add(call: Call) -> object:
     if spec.kind is Kind.CHARDEV:
         chardev.check_writable(args)
         console_wiring.check(args)
+        others = [r.args for r in vmm.config.of_kind(Kind.CHARDEV)]
+        console_wiring.check_stdio_free(args, others)
     if vmm.machine is not None and not spec.hot:
         raise ConfigError(
             f"'{spec.add}' is boot-only and the machine exists; it is only allowed "

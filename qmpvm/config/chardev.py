@@ -87,8 +87,6 @@ def _from_legacy(rest: dict[str, object]) -> dict[str, object]:
     chardev_id = rest.pop("id", None)
     if not isinstance(chardev_id, str) or not chardev_id:
         raise ArgumentError("-chardev: 'id' is required")
-    if backend == "stdio":
-        raise ArgumentError(_NO_STDIO)
     if backend not in RENAMES:
         raise ArgumentError(f"-chardev: backend '{backend}' is not known")
     data: dict[str, object] = {}
@@ -128,18 +126,10 @@ def _inet(rest: dict[str, object], host: str, port: str) -> dict[str, object]:
     return {"type": "inet", "data": where}
 
 
-_NO_STDIO = (
-    "a 'stdio' chardev would be the engine's standard I/O, which is no console here: "
-    "use a socket, pty or ringbuf chardev ('qmpvm console' attaches a terminal)"
-)
-
-
 def check_writable(args: Mapping[str, object]) -> None:
     """Refuse a chardev-add the engine's ``-chardev`` cannot say as it is (a member
     without a legacy spelling, a vsock address): it would change at machine-init."""
     backend, data = backend_of(args)
-    if backend == "stdio":
-        raise ArgumentError(_NO_STDIO)
     if backend not in RENAMES:
         raise ArgumentError(f"chardev backend '{backend}' has no -chardev form in the engine")
     expected = dict(data)

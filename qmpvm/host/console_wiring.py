@@ -9,10 +9,11 @@ that the guest's UART waits) rather than being dropped, and the next qmpvm
 reads on.  The chardev keeps its id, so the devices that name it need no
 change.
 
-Owned: ``ringbuf``/``memory``, ``null``, ``file`` without an input file, and
-listening ``socket``s on a path or a TCP port without telnet, websocket,
-TLS or ``wait``.  The rest (``pty``, connecting sockets, ``udp``, ...) keep
-QEMU's own semantics in the engine.  Pure: no I/O.
+Owned: ``ringbuf``/``memory``, ``null``, ``stdio`` (qmpvm's own standard
+I/O), ``file`` without an input file, and listening ``socket``s on a path or
+a TCP port without telnet, websocket, TLS or ``wait``.  The rest (``pty``,
+connecting sockets, ``udp``, ...) keep QEMU's own semantics in the engine.
+Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from qmpvm.config.chardev import COMMON, backend_of
 from qmpvm.errors import ArgumentError
@@ -33,7 +34,7 @@ _SAFE_STEM = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 def owns(args: Mapping[str, object]) -> bool:
     """Whether qmpvm serves this stored chardev-add itself."""
     backend, data = backend_of(args)
-    if backend in ("ringbuf", "memory", "null"):
+    if backend in ("ringbuf", "memory", "null", "stdio"):
         return True
     if backend == "file":
         return "in" not in data
@@ -56,6 +57,12 @@ def check(args: Mapping[str, object]) -> None:
         size = ring_size(args)
         if size <= 0 or size & (size - 1):
             raise ArgumentError("size of ringbuf chardev must be power of two")
+
+
+def check_stdio_free(args: Mapping[str, object], others: Iterable[Mapping[str, object]]) -> None:
+    """QEMU's rule: one stdio chardev at most (qmpvm's standard I/O, here)."""
+    if backend_of(args)[0] == "stdio" and any(backend_of(o)[0] == "stdio" for o in others):
+        raise ArgumentError("cannot use stdio by multiple character devices")
 
 
 def ring_size(args: Mapping[str, object]) -> int:

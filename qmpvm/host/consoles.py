@@ -16,13 +16,18 @@ import contextlib
 import fcntl
 import logging
 import os
+import queue
 import shutil
 import socket
 import stat
 import tempfile
+import termios
+import threading
+import tty
 import typing
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from qmpvm.config.chardev import backend_of
 from qmpvm.config.model import Config
@@ -69,6 +74,7 @@ class Console:
         self._server: asyncio.AbstractServer | None = None
         self._bound: tuple[int, int] | None = None  # our socket file's (device, inode)
         self._file: int | None = None
+        self._terminal: _Terminal | None = None
 
     def _unread_ring(self) -> bytes:
         """A ringbuf's buffer as the log left it: what was printed since the last read."""
@@ -135,6 +141,8 @@ class Console:
         if self.backend == "file":
             mode = os.O_APPEND if self.data.get("append") else os.O_TRUNC
             self._file = self._fds.open(self.host_path(), os.O_WRONLY | os.O_CREAT | mode)
+        elif self.backend == "stdio":
+            self._terminal = _Terminal(self, signals=self.data.get("signal", True) is not False)
         elif self.backend == "socket" and "path" in self._address():
             path = self.host_path()
             listening = _bind_unix(path)
@@ -174,6 +182,9 @@ class Console:
         if self._file is not None:
             os.close(self._file)
             self._file = None
+        if self._terminal is not None:
+            self._terminal.close()
+            self._terminal = None
         if self.log is not None:
             self.log.close()
         if remove and self.fifo_stem:
@@ -212,6 +223,8 @@ class Console:
             self.log.append(chunk)
         if self.ring is not None:
             self.ring.write(chunk)
+        if self._terminal is not None:
+            self._terminal.send(chunk)
         if self._file is not None:
             try:
                 os.write(self._file, chunk)
@@ -263,6 +276,70 @@ class Console:
             asyncio.get_running_loop().remove_writer(self._in)
             for peer in self._peers:
                 peer.transport.resume_reading()
+
+
+class _Terminal:
+    """qmpvm's own standard I/O as a console (``stdio``): output written by a
+    thread, so that a stdout nobody reads holds back neither qmpvm nor the
+    guest (beyond ``CLIENT_LAG`` waiting, output is dropped); input read from
+    stdin, a terminal put in raw mode (Ctrl-C still signals qmpvm unless
+    ``signal`` is off, as in QEMU) and restored on close."""
+
+    def __init__(self, console: Console, *, signals: bool) -> None:
+        self._console = console
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._waiting = 0
+        self._saved: list[Any] | None = None
+        self._reading = False
+        self._writer = threading.Thread(target=self._write, name="stdio-console", daemon=True)
+        self._writer.start()
+        if os.isatty(0):
+            self._saved = termios.tcgetattr(0)
+            tty.setraw(0, termios.TCSANOW)
+            if signals:
+                raw = termios.tcgetattr(0)
+                raw[3] |= termios.ISIG
+                termios.tcsetattr(0, termios.TCSANOW, raw)
+        with contextlib.suppress(OSError):  # /dev/null and files cannot be waited on
+            asyncio.get_running_loop().add_reader(0, self._read)
+            self._reading = True
+
+    def _read(self) -> None:
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(0)
+            self._reading = False
+            return
+        self._console.write_input(data)
+
+    def send(self, chunk: bytes) -> None:
+        if self._waiting + len(chunk) > CLIENT_LAG:
+            return  # stdout is not being read: the guest goes on, this output is lost
+        self._waiting += len(chunk)
+        self._queue.put(chunk)
+
+    def _write(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            try:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(1, view) :]
+            except OSError:
+                pass
+            self._waiting -= len(chunk)
+
+    def close(self) -> None:
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(0)
+        self._queue.put(None)
+        if self._saved is not None:
+            with contextlib.suppress(termios.error):
+                termios.tcsetattr(0, termios.TCSADRAIN, self._saved)
 
 
 class _Peer(asyncio.Protocol):

@@ -84,7 +84,7 @@ async def _chardev_target(target: str, chardev: str) -> tuple[str, str]:
             return "tcp", f"{where.get('host') or '127.0.0.1'}:{where['port']}"
         if kind in ("ringbuf", "memory"):
             return "ringbuf", chardev
-        if kind in ("file", "null"):
+        if kind in ("file", "null", "stdio"):
             return "history", chardev
         if kind == "pty":
             engine = isinstance(reply, dict) and reply.get("engine")

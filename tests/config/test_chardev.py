@@ -62,7 +62,6 @@ def test_mux_on_is_two_chardevs_as_qemu_makes_them() -> None:
         (qmp("socket", addr={"type": "inet", "data": {"host": "h", "port": "1",
                                                       "keep-alive": True}}),
          "'addr' has no -chardev form"),
-        (qmp("stdio"), "'stdio' chardev would be the engine's standard I/O"),
     ],
 )  # fmt: skip
 def test_what_has_no_dash_chardev_form_is_refused(args: dict[str, object], message: str) -> None:

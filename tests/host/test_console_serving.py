@@ -13,7 +13,14 @@ import pytest
 from qmpvm.errors import ArgumentError, EngineError
 from qmpvm.host import consoles as consoles_module
 from qmpvm.host.console_output import History, Ring
-from qmpvm.host.console_wiring import check, engine_chardev, filename, owns, stem
+from qmpvm.host.console_wiring import (
+    check,
+    check_stdio_free,
+    engine_chardev,
+    filename,
+    owns,
+    stem,
+)
 from qmpvm.host.consoles import Console
 
 
@@ -101,6 +108,13 @@ def test_ring_sizes_are_checked_as_qemu_checks_them() -> None:
     for size in (1000, 0, -4):
         with pytest.raises(ArgumentError, match="must be power of two"):
             check(chardev("r", "ringbuf", size=size))
+
+
+def test_one_stdio_console_at_most() -> None:
+    assert owns(chardev("s", "stdio"))
+    check_stdio_free(chardev("a", "stdio"), [chardev("b", "null")])
+    with pytest.raises(ArgumentError, match="cannot use stdio by multiple character devices"):
+        check_stdio_free(chardev("a", "stdio"), [chardev("b", "stdio", signal=False)])
 
 
 def test_file_stems_are_ids_or_digests() -> None:

@@ -15,7 +15,7 @@ from conftest import connect, next_event, quit_and_disconnect, start_qmpvm
 from qemu.qmp import ExecuteError, QMPClient
 from test_engine import BOOT_TIMEOUT, configure, socket_chardev
 
-from qmpvm.images import READY_MARKER, GuestImage
+from qmpvm.images import READY_MARKER, GuestImage, guest_cmdline
 from qmpvm.tools.console import SocketConsole
 
 pytestmark = pytest.mark.usefixtures("guest")
@@ -166,3 +166,31 @@ async def test_console_refusals_change_nothing(tmp_path: Path, guest: GuestImage
     with pytest.raises(ExecuteError, match="Device 'nope' not found"):
         await client.execute("console-history", {"device": "nope"})
     await quit_and_disconnect(client)
+
+
+async def test_a_stdio_console_is_qmpvms_own_standard_io(tmp_path: Path, guest: GuestImage) -> None:
+    """``-serial stdio``: the guest's console on qmpvm's stdin and stdout."""
+    monitor = tmp_path / "qmp.sock"
+    argv = [
+        sys.executable, "-m", "qmpvm", "-qmp", f"unix:{monitor},server=on,wait=off",
+        "-machine", "q35", "-accel", "tcg", "-m", "256", "-nodefaults",
+        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
+        "-append", guest_cmdline("q35"), "-serial", "stdio",
+    ]  # fmt: skip
+    with (tmp_path / "qmpvm.log").open("wb") as log:
+        qmpvm = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log
+        )
+    assert qmpvm.stdin is not None
+    seen = bytearray()
+    await read_until(qmpvm, READY_MARKER.encode(), seen)
+    qmpvm.stdin.write(b"echo STDIO-$((4 * 5))\n")
+    await read_until(qmpvm, b"STDIO-20", seen)
+    client = QMPClient("test")
+    await client.connect(str(monitor))
+    chardevs = {c["label"]: c["filename"] for c in await client.execute("query-chardev")}
+    assert chardevs["serial0"] == "stdio"
+    history = await client.execute("console-history", {"device": "serial0"})
+    assert "STDIO-20" in history["data"]
+    await quit_and_disconnect(client)
+    assert await asyncio.wait_for(qmpvm.wait(), 30) == 0
