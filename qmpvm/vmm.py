@@ -258,6 +258,7 @@ class Vmm:
             return False
         self.machine = machine
         await self.consoles.open_all(self.config, taken_over=machine.consoles_dir)
+        await self._take_back_fdsets(machine)
         await _find_port_users(machine)
         log.info("took over the engine (pid %d) left running in %s", machine.pid, state_dir)
         status = await machine.execute("query-status", {})
@@ -265,6 +266,30 @@ class Vmm:
             machine.saw_guest_shutdown = True  # it powered off while no qmpvm watched
             self.after_shutdown()
         return True
+
+    async def _take_back_fdsets(self, machine: EngineMachine) -> None:
+        """The fdsets the configuration uses, copied back from the engine the
+        earlier qmpvm passed them to: a machine rebuilt later needs them.
+        (Descriptors passed with getfd are the engine's netdevs' and chardevs'
+        own by now, with no name left to find them by.)"""
+        from qmpvm.engine.process import WatchedProcess
+        from qmpvm.fds import MACHINE
+
+        _names, wanted = self.fds_in_use()
+        if not wanted or not isinstance(machine.process, WatchedProcess):
+            return
+        found = await machine.execute("query-fdsets", {})
+        for fdset in found if isinstance(found, list) else []:
+            if fdset.get("fdset-id") not in wanted:
+                continue
+            for entry in fdset.get("fds", []):
+                try:
+                    fd = machine.process.copy_fd(int(entry["fd"]))
+                except OSError as err:
+                    log.warning("fdset %s: cannot copy it back from the engine: %s",
+                                fdset["fdset-id"], err)  # fmt: skip
+                    continue
+                self.fds.add_fd(fd, MACHINE, int(fdset["fdset-id"]), entry.get("opaque"))
 
     async def let_go_engine(self) -> None:
         """Leave the engine running for the next qmpvm on this state directory."""

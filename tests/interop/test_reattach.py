@@ -274,3 +274,44 @@ async def test_the_engine_cannot_open_host_paths_itself(
     await quit_and_disconnect(client)
     assert proc.process.wait(15) == 0
     wait_gone(engine["pid"])
+
+
+async def test_fdsets_the_configuration_uses_are_taken_back(
+    tmp_path: Path, guest: GuestImage, state: Path
+) -> None:
+    """A disk passed as an fdset to the first qmpvm: the one that takes the
+    engine over copies it back from the engine, so that after the engine dies
+    the machine can be built again."""
+    disk = tmp_path / "passed.raw"
+    disk.write_bytes(os.urandom(1 << 20))
+    opened = os.open(disk, os.O_RDWR)
+    os.dup2(opened, 1742, inheritable=True)
+    os.close(opened)
+    node = {"driver": "raw", "node-name": "disk0",
+            "file": {"driver": "file", "filename": "/dev/fdset/5"}}  # fmt: skip
+    options = guest_options(
+        guest, tmp_path, "-add-fd", "fd=1742,set=5,opaque=disk",
+        "-blockdev", json.dumps(node), "-device", "virtio-blk-pci,drive=disk0",
+    )  # fmt: skip
+    try:
+        proc = start_qmpvm(tmp_path, *options, state_dir=state, pass_fds=(1742,))
+    finally:
+        os.close(1742)
+    client = await connect(proc)
+    engine = (await client.execute("query-machine"))["engine"]["pid"]
+    await drop(client)
+    proc.process.kill()
+    proc.process.wait()
+    proc = restart(tmp_path, state, proc)
+    client = await connect(proc)
+    fdsets = {s["fdset-id"]: s["fds"] for s in await client.execute("query-fdsets")}
+    assert len(fdsets[5]) == 1, "the configuration's fdset, copied back from the engine"
+    os.kill(engine, signal.SIGKILL)
+    await next_event(client, "ENGINE_EXIT")
+    await client.execute("machine-init")  # with the fdset taken back from the first engine
+    await client.execute("cont")
+    console = await SocketConsole.connect(str(tmp_path / "ttyS0.sock"))
+    await console.expect(READY_MARKER, BOOT_TIMEOUT)
+    await console.close()
+    await quit_and_disconnect(client)
+    assert proc.process.wait(15) == 0
