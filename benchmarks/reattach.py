@@ -88,33 +88,44 @@ private .pyc cache, as in benchmarks/boot.py.
 Command::
 
     .venv/bin/python benchmarks/reattach.py             # 10 rounds (~15 s)
-    .venv/bin/python benchmarks/reattach.py --quick     # 3 rounds, smoke run (~9 s)
+    .venv/bin/python benchmarks/reattach.py --quick     # 3 rounds, smoke run (~8 s)
     .venv/bin/python benchmarks/reattach.py --runs 20 --pause 1 --pyc
 
-Measured here, 2026-12-01 22:06 UTC (2 cores, QEMU 7.2.22, TCG, CPython
-3.11.7, nothing else running, load average ~0.3; default run, 13 s)::
+Measured here, 2026-12-02 00:23 UTC, at commit 7a3bb72 (2 cores, QEMU
+7.2.22, TCG, CPython 3.11.7, just after a test suite run, load average
+0.35; default run, 15 s)::
 
-    cold boot, Popen -> ready marker            3.105 s (once)
-    restart, Popen -> greeting                  27 ms (20 .. 32)
-                   -> qmp_capabilities          123 ms (87 .. 130)
-                   -> query-status "running"    188 ms (151 .. 211)
-                      after kill -9 187 ms, after quit keep-machine 194 ms
-        qmpvm's CPU up to that answer 175 ms; python -c pass alone 17 ms
-    quit keep-machine: reply 1 ms, qmpvm exits 43 ms (30 .. 61) after it
-    outage a client sees (kill/quit -> answering) 193 ms (179 .. 256)
-    ticks: 41 over 8.2 s, none missing; longest gap 209 ms (median 206 ms),
-        209 ms both overlapping restarts and outside them
-    ratios: answering / 150 ms goal 1.254 (missed), answering / cold boot
-        0.061, longest tick gap / 0.2 s 1.046
+    cold boot, Popen -> ready marker            4.209 s (once)
+    restart, Popen -> greeting                  28 ms (21 .. 33)
+                   -> qmp_capabilities          139 ms (111 .. 157)
+                   -> query-status "running"    233 ms (197 .. 254)
+                      after kill -9 230 ms, after quit keep-machine 236 ms
+        qmpvm's CPU up to that answer 215 ms; python -c pass alone 15 ms
+    quit keep-machine: reply 1 ms, qmpvm exits 49 ms (43 .. 67) after it
+    outage a client sees (kill/quit -> answering) 269 ms (201 .. 308)
+    console, from the answer: connected -8 ms (-12 .. -0), first TICK
+        line 81 ms (4 .. 195)
+    ticks (history): 43, counter 0 .. 42, none missing, 11 printed while
+        qmpvm was away; longest gap in the guest's clock 220 ms (median
+        210 ms), 220 ms both overlapping restarts and outside them; the
+        guest's clock 8.75 s over 8.75 s of the host's
+    ratios: answering / 150 ms goal 1.556 (missed), answering / cold boot
+        0.055, longest guest gap / 0.2 s 1.100, / cold boot 0.052
 
-Other runs the same hour: answering medians 174, 177 (``--pyc``) and
-164-191 ms (``--quick``); goal ratios 1.09-1.27.  The guest never
-noticed: no counter value was missing in any run, and the longest gap was
-never more than ~12 ms over the period, the same inside and outside the
-restarts (the shell loop's own ``usleep`` + TCG overhead is ~6 ms).
+Two more runs a minute later (load ~0.3): answering 194 ms (163 .. 219)
+and 185 ms (157 .. 237, ``--pyc``), qmpvm's CPU 175 and 165 ms; goal
+ratios 1.29 and 1.23.  The guest never noticed: no counter value was
+missing in any run, the gap in its clock between two ticks was 210-220 ms
+(``usleep 200000`` and the loop; ``/proc/uptime`` counts in 10 ms steps),
+the same inside and outside the restarts.  Console clients connect again
+0-15 ms before ``query-status`` answers; the lines the guest printed while
+no qmpvm ran are read from the FIFO during the takeover, before that (into
+the history), so the first line a client reads is the guest's next one,
+0-200 ms later.
 
-Where the restart's time goes (``-v -v`` logs of restarts, timestamps
-against the Popen; ``-X importtime``): the interpreter starts in ~15 ms and
+Where the restart's time goes (2026-12-01, before the consoles moved to
+qmpvm; ``-v -v`` logs of restarts, timestamps against the Popen;
+``-X importtime``): the interpreter starts in ~15 ms and
 the early monitor greets at ~25 ms; the asyncio server takes the socket
 over at ~115-120 ms (importing ``qmpvm.cli``, most of it
 ``qmpvm.cli.translate``, then ``qmpvm.app`` with asyncio), which is when

@@ -15,6 +15,7 @@ import os
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qmpvm.config.machine import as_object
@@ -83,6 +84,13 @@ def open_for_engine(
         console_args = {c.id: engine_chardev(c.args, c.fifo_stem) for c in consoles}
         opened.serves_consoles = bool(console_args)
         opened.user_why = _user_why(config, blockers, unprivileged)
+        opened.root_why = _root_why(config, opened.user_why, own_root)
+        hidden = [d for d in shared if not _reachable_by_others(d)]
+        if opened.user_why is None and opened.root_why is not None and hidden and console_args:
+            opened.user_why = (
+                f"the consoles' FIFO directory {hidden[0]} is not reachable by other users "
+                "(its temporary directory is private), and the engine has no root of its own"
+            )
         private = opened.user_why is None
         for console in consoles if private else ():
             console.give_to(*ENGINE_USER)
@@ -90,7 +98,6 @@ def open_for_engine(
             fd = _open_boot_file(path, private=private)
             opened.inherited.append(fd)
             paths[path] = f"/proc/self/fd/{fd}"
-        opened.root_why = _root_why(config, opened.user_why, own_root)
         if private:
             opened.run_as = RunAs(
                 *ENGINE_USER,
@@ -190,6 +197,18 @@ def _root_why(config: Config, user_why: str | None, allowed: bool) -> str | None
             "or the engine is not under /usr)"
         )
     return None
+
+
+def _reachable_by_others(directory: str) -> bool:
+    """Whether every directory on the way to ``directory`` lets others through."""
+    path = Path(directory).resolve()
+    for each in (path, *path.parents):
+        try:
+            if not each.stat().st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def _engine_groups(config: Config) -> tuple[int, ...]:
