@@ -16,6 +16,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -24,9 +25,9 @@ from qmpvm.errors import ConfigError
 log = logging.getLogger(__name__)
 
 MACHINE = 0
+"""Owner id of descriptors the configuration holds on to."""
 RESERVED_FDSETS = 1_000_000_000
 """fdset ids from here on are qmpvm's own, for the files it opens for the engine."""
-"""Owner id of descriptors the configuration holds on to."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -46,17 +47,22 @@ class FdRegistry:
         self.fdsets: dict[int, list[PassedFd]] = {}
 
     def open(self, path: str, flags: int, mode: int = 0o666) -> int:
-        """``os.open``, and for ``/dev/fdset/N`` what QEMU's ``qemu_open`` does:
-        a duplicate of a descriptor in set N with the same access mode."""
+        """``open_nonblocking``, and for ``/dev/fdset/N`` what QEMU's
+        ``qemu_open`` does: a duplicate of a descriptor in set N with the same
+        access mode, given the status flags asked for (``O_APPEND``...)."""
         number = path.removeprefix("/dev/fdset/")
         if number == path:
-            return os.open(path, flags | os.O_CLOEXEC, mode)
+            return open_nonblocking(path, flags, mode)
         entries = self.fdsets.get(int(number)) if number.isdigit() else None
         if not entries:
             raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
         for entry in entries:
             if _access(entry.fd) == flags & os.O_ACCMODE:
-                return os.dup(entry.fd)
+                fd = os.dup(entry.fd)
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags & (os.O_APPEND | os.O_NONBLOCK))
+                if flags & os.O_TRUNC and stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.ftruncate(fd, 0)
+                return fd
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
     def getfd(self, name: str, fd: int, owner: int) -> None:
@@ -163,6 +169,22 @@ def _close(fd: int) -> None:
         os.close(fd)
     except OSError as err:
         log.warning("closing fd %d: %s", fd, err)
+
+
+def open_nonblocking(
+    path: str, flags: int, mode: int = 0o666, *, kinds: tuple[str, ...] = ()
+) -> int:
+    """``os.open`` that cannot block qmpvm: a FIFO without a peer or a slow
+    device fails or opens at once (``O_NONBLOCK``, kept: qmpvm's writes must
+    not block either); ``kinds``: what it must be, of "file", "block"."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    found = os.fstat(fd).st_mode
+    wanted = {"file": stat.S_ISREG(found), "block": stat.S_ISBLK(found)}
+    if kinds and not any(wanted[kind] for kind in kinds):
+        os.close(fd)
+        what = " or ".join({"file": "a regular file", "block": "a block device"}[k] for k in kinds)
+        raise OSError(errno.EINVAL, f"not {what}", path)
+    return fd
 
 
 def _access(fd: int) -> int:

@@ -35,7 +35,7 @@ async def query_chardev(call: Call) -> object:
     for chardev in found:
         if chardev.get("label") == LINK_CHARDEV:  # qmpvm's own link
             continue
-        console = vmm.consoles.console(str(chardev.get("label")))
+        console = vmm.consoles.console(str(chardev.get("label")), vmm.config)
         if console is not None:  # the engine has a pipe; the user asked for this
             answer.append({**chardev, "filename": console.filename()})
         else:
@@ -80,7 +80,7 @@ async def console_history(call: Call) -> object:
     last ``end`` as ``since``."""
     vmm = call.vmm
     device = str(call.args["device"])
-    console = vmm.consoles.console(device)
+    console = vmm.consoles.console(device, vmm.config)
     if console is None:
         if vmm.config.find(Kind.CHARDEV, device) is None:
             raise ConfigError(f"Device '{device}' not found")
@@ -103,7 +103,7 @@ async def console_history(call: Call) -> object:
 
 def _ring(vmm: Vmm, device: str, command: str) -> Console | None:
     """The ringbuf qmpvm keeps for ``device``; None: the engine's to answer."""
-    console = vmm.consoles.console(device)
+    console = vmm.consoles.console(device, vmm.config)
     if console is not None:
         if console.ring is None:
             raise ConfigError(f"{device} is not a ringbuf device")

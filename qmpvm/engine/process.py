@@ -56,7 +56,9 @@ mkdir -p "$r/usr" "$r/proc" "$r/dev/pts" "$r/etc" "$r/var/tmp"
 mount --rbind /usr "$r/usr"
 mount -o remount,bind,ro "$r/usr"
 for l in lib lib32 lib64 libx32 bin sbin; do
-  if [ -L "/$l" ]; then ln -s "$(readlink "/$l")" "$r/$l"; fi
+  if [ -L "/$l" ]; then ln -s "$(readlink "/$l")" "$r/$l"
+  elif [ -d "/$l" ]; then mkdir "$r/$l"; mount --rbind "/$l" "$r/$l"
+  fi
 done
 mount --rbind /proc "$r/proc"
 for d in null zero full urandom random kvm ptmx net/tun; do
@@ -66,7 +68,12 @@ for d in null zero full urandom random kvm ptmx net/tun; do
 done
 mount --bind /dev/pts "$r/dev/pts"
 mount --bind /var/tmp "$r/var/tmp"
-touch "$r/etc/ld.so.cache"; mount --bind /etc/ld.so.cache "$r/etc/ld.so.cache"
+for f in ld.so.cache resolv.conf hosts; do
+  if [ -e "/etc/$f" ]; then
+    touch "$r/etc/$f"; mount --bind "/etc/$f" "$r/etc/$f"
+    mount -o remount,bind,ro "$r/etc/$f"
+  fi
+done
 while [ "$1" != "--" ]; do
   mkdir -p "$r$1"; mount --bind "$1" "$r$1"; shift
 done
@@ -77,7 +84,8 @@ exec chroot "$r" "$@"
 root (a small tmpfs) with the host's ``/usr`` (read-only: the engine, its
 libraries, firmware, keymaps and modules), ``/proc`` (the ``/proc/self/fd``
 names of what qmpvm opened), the devices QEMU opens, ``/var/tmp`` (for
-``-snapshot``), and the directories given as arguments before ``--``."""
+``-snapshot``), ``/etc/resolv.conf`` and ``/etc/hosts`` (the ``user``
+netdev's DNS), and the directories given as arguments before ``--``."""
 
 
 async def start(
@@ -171,7 +179,14 @@ def may_give_own_root(binary: str) -> bool:
     except OSError:
         return False
     tools = ("sh", "mount", "chroot")
-    return under_usr and bool(namespaces_wrapper()) and all(map(shutil.which, tools))
+    setpriv_inside = SETPRIV is not None and os.path.realpath(SETPRIV).startswith("/usr/")
+    return (
+        under_usr
+        and setpriv_inside
+        and os.path.isdir("/mnt")  # where the new root is mounted, in its namespace
+        and bool(namespaces_wrapper())
+        and all(map(shutil.which, tools))
+    )
 
 
 def _executable(name: str) -> str:

@@ -19,7 +19,6 @@ import os
 import queue
 import shutil
 import socket
-import stat
 import tempfile
 import termios
 import threading
@@ -36,6 +35,7 @@ from qmpvm.errors import EngineError
 from qmpvm.fds import FdRegistry
 from qmpvm.host.console_output import ConsoleLog, History, Ring
 from qmpvm.host.console_wiring import filename, owns, ring_size, stem
+from qmpvm.monitor.early import bind_unix
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +111,17 @@ class Console:
                 with contextlib.suppress(OSError):  # a smaller pipe only holds less
                     fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             path = self.host_path()
-            await self._serve()
-        except OSError as err:
-            self.close(remove=not existing)
-            raise EngineError(
-                f"chardev '{self.id}': cannot open '{path}': {err.strerror or err}"
-            ) from err
+            await self._serve(existing=existing)
+        except (OSError, ValueError) as err:
+            if not existing or self._out is None:
+                self.close(remove=not existing)
+                raise EngineError(
+                    f"chardev '{self.id}': cannot open '{path}': {_reason(err)}"
+                ) from err
+            # taken over: the guest's output is still read (and kept), or it
+            # would fill the FIFO and hold the guest's UART; only the backend is lost
+            log.warning("chardev '%s': cannot open '%s' again: %s; its output is kept "
+                        "in the history only", self.id, path, _reason(err))  # fmt: skip
         asyncio.get_running_loop().add_reader(self._out, self._on_output)
 
     def host_path(self) -> str:
@@ -135,17 +140,20 @@ class Console:
         addr = typing.cast(Mapping[str, object], self.data.get("addr", {}))
         return typing.cast(Mapping[str, object], addr.get("data", {}))
 
-    async def _serve(self) -> None:
-        """Open the backend's host side."""
+    async def _serve(self, *, existing: bool) -> None:
+        """Open the backend's host side (``existing``: again, for an engine
+        taken over: a file console appends, as its engine never stopped)."""
         loop = asyncio.get_running_loop()
         if self.backend == "file":
-            mode = os.O_APPEND if self.data.get("append") else os.O_TRUNC
-            self._file = self._fds.open(self.host_path(), os.O_WRONLY | os.O_CREAT | mode)
+            mode = os.O_APPEND if self.data.get("append") or existing else os.O_TRUNC
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | mode
+            self._file = self._fds.open(self.host_path(), flags)
         elif self.backend == "stdio":
             self._terminal = _Terminal(self, signals=self.data.get("signal", True) is not False)
         elif self.backend == "socket" and "path" in self._address():
             path = self.host_path()
-            listening = _bind_unix(path)
+            raw = bind_unix(path)
+            listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=raw.detach())
             found = os.stat(path)
             self._bound = (found.st_dev, found.st_ino)
             self._server = await loop.create_unix_server(lambda: _Peer(self), sock=listening)
@@ -238,7 +246,7 @@ class Console:
         assert self.ring is not None
         taken = self.ring.read(size)
         if self.log is not None:
-            self.log.note_read(self.history.end - len(self.ring.data))
+            self.log.note_read(max(0, self.history.end - len(self.ring.data)))
         return taken
 
     def write_input(self, data: bytes) -> None:
@@ -276,6 +284,8 @@ class Console:
             asyncio.get_running_loop().remove_writer(self._in)
             for peer in self._peers:
                 peer.transport.resume_reading()
+            if self._terminal is not None:
+                self._terminal.resume()
 
 
 class _Terminal:
@@ -288,7 +298,8 @@ class _Terminal:
     def __init__(self, console: Console, *, signals: bool) -> None:
         self._console = console
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._waiting = 0
+        self._waiting = 0  # bytes queued, not yet written
+        self._lock = threading.Lock()
         self._saved: list[Any] | None = None
         self._reading = False
         self._writer = threading.Thread(target=self._write, name="stdio-console", daemon=True)
@@ -300,9 +311,19 @@ class _Terminal:
                 raw = termios.tcgetattr(0)
                 raw[3] |= termios.ISIG
                 termios.tcsetattr(0, termios.TCSANOW, raw)
-        with contextlib.suppress(OSError):  # /dev/null and files cannot be waited on
-            asyncio.get_running_loop().add_reader(0, self._read)
-            self._reading = True
+        self.resume()
+
+    def resume(self) -> None:
+        """Read stdin (again): the guest took the input that waited."""
+        if not self._reading:
+            with contextlib.suppress(OSError):  # /dev/null and files cannot be waited on
+                asyncio.get_running_loop().add_reader(0, self._read)
+                self._reading = True
+
+    def _pause(self) -> None:
+        if self._reading:
+            asyncio.get_running_loop().remove_reader(0)
+            self._reading = False
 
     def _read(self) -> None:
         try:
@@ -312,15 +333,17 @@ class _Terminal:
         except OSError:
             data = b""
         if not data:
-            asyncio.get_running_loop().remove_reader(0)
-            self._reading = False
+            self._pause()  # for good: stdin ended
             return
         self._console.write_input(data)
+        if len(self._console._pending) >= INPUT_PENDING:
+            self._pause()  # until the guest takes it (``Console._flush_input``)
 
     def send(self, chunk: bytes) -> None:
-        if self._waiting + len(chunk) > CLIENT_LAG:
-            return  # stdout is not being read: the guest goes on, this output is lost
-        self._waiting += len(chunk)
+        with self._lock:
+            if self._waiting + len(chunk) > CLIENT_LAG:
+                return  # stdout is not being read: the guest goes on, this output is lost
+            self._waiting += len(chunk)
         self._queue.put(chunk)
 
     def _write(self) -> None:
@@ -331,11 +354,11 @@ class _Terminal:
                     view = view[os.write(1, view) :]
             except OSError:
                 pass
-            self._waiting -= len(chunk)
+            with self._lock:
+                self._waiting -= len(chunk)
 
     def close(self) -> None:
-        if self._reading:
-            asyncio.get_running_loop().remove_reader(0)
+        self._pause()
         self._queue.put(None)
         if self._saved is not None:
             with contextlib.suppress(termios.error):
@@ -397,16 +420,25 @@ class Consoles:
             self.fifo_dir.chmod(0o711)
         return self.fifo_dir
 
-    def console(self, chardev_id: str) -> Console | None:
-        return self.by_id.get(chardev_id)
+    def console(self, chardev_id: str, config: Config | None = None) -> Console | None:
+        """The console of a chardev qmpvm serves; with ``config``, also one
+        no machine has used yet (its history comes from the log, if any)."""
+        found = self.by_id.get(chardev_id)
+        if found is None and config is not None:
+            resource = config.find(Kind.CHARDEV, chardev_id)
+            if resource is not None and owns(resource.args):
+                found = self._for(resource.args)
+        return found
 
     def _for(self, args: Mapping[str, object]) -> Console:
-        """The console of this chardev, kept if its definition is the same."""
+        """The console of this chardev, kept if its definition is the same
+        (a changed one starts afresh from the log: the log goes only with
+        the chardev, ``forget``)."""
         chardev_id = str(args["id"])
         found = self.by_id.get(chardev_id)
         if found is None or found.args != args:
             if found is not None:
-                self.forget(chardev_id)
+                found.close(remove=True)
             if self._log_dir is not None:
                 self._log_dir.mkdir(mode=0o700, exist_ok=True)
             found = self.by_id[chardev_id] = Console(args, self._log_dir, self._fds)
@@ -420,18 +452,19 @@ class Consoles:
         if taken_over is not None:
             self.fifo_dir = taken_over
         owned = [r.args for r in config.of_kind(Kind.CHARDEV) if owns(r.args)]
-        for gone in set(self.by_id) - {str(args["id"]) for args in owned}:
-            self.forget(gone)
         opened: list[Console] = []
         for args in owned:
             console = self._for(args)
             try:
                 await console.open(self.directory(), existing=taken_over is not None)
             except EngineError as err:
-                if taken_over is not None:
-                    log.warning("%s: its output is lost until the machine is rebuilt", err)
+                if taken_over is not None:  # its FIFOs are gone: nothing reads the guest's
+                    log.warning("%s: the guest's output there is not read", err)
                     continue
                 self.close_all(remove=True)
+                raise
+            except BaseException:
+                self.close_all(remove=taken_over is None)
                 raise
             opened.append(console)
         return opened
@@ -458,8 +491,8 @@ class Consoles:
         console = self.by_id.pop(chardev_id, None)
         if console is not None:
             console.close(remove=True)
-            if console.log is not None:
-                console.log.remove()
+        if self._log_dir is not None:
+            ConsoleLog(self._log_dir, stem(chardev_id)).remove()
 
     def remove_fifo_dir(self) -> None:
         """At exit with no engine left running: the FIFO directory."""
@@ -468,20 +501,8 @@ class Consoles:
             self.fifo_dir = None
 
 
-def _bind_unix(path: str) -> socket.socket:
-    """A listening socket at ``path``, replacing a stale socket there (the
-    chardev's checks refused any other file)."""
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        listening.bind(path)
-        listening.listen(16)
-    except OSError:
-        listening.close()
-        raise
-    return listening
+def _reason(err: Exception) -> str:
+    return (err.strerror if isinstance(err, OSError) else None) or str(err)
 
 
 def _unlink_if_ours(path: str, bound: tuple[int, int]) -> None:

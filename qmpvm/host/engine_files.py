@@ -20,11 +20,7 @@ from qmpvm.config.chardev import backend_of
 from qmpvm.config.machine import as_object
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind, Resource
-from qmpvm.fds import RESERVED_FDSETS
 from qmpvm.host.console_wiring import owns
-
-FDSET_BASE = RESERVED_FDSETS
-"""The engine's fdsets qmpvm makes start here; clients' are below."""
 
 FILE_DRIVERS = frozenset({"file", "host_device", "host_cdrom"})
 NETWORK_DRIVERS = frozenset(
@@ -72,12 +68,13 @@ AUTO_READ_ONLY = (
 
 @dataclass(frozen=True, slots=True)
 class HostFile:
-    """An image file qmpvm opens for the engine: read-only, and also
-    read-write unless the configuration says read-only (or the host refuses)."""
+    """An image file qmpvm opens for the engine: read-write, unless the
+    configuration says read-only (or the host refuses)."""
 
     path: str
     read_only: bool
     what: str  # for errors: "blockdev 'disk0'"
+    backing_given: bool = False  # its blockdev-add names a backing node itself
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +89,11 @@ def plan(config: Config) -> HostPlan:
     blockers: list[str] = []
     for resource in config.resources:
         if resource.kind is Kind.BLOCK:
-            _block_files(resource.args, f"blockdev '{resource.key}'", False, files, blockers)
+            what = f"blockdev '{resource.key}'"
+            found: list[HostFile] = []
+            _block_files(resource.args, what, False, found, blockers)
+            given = _names_backing(resource.args)
+            files += [dataclasses.replace(f, backing_given=given) for f in found]
         elif resource.kind is Kind.DRIVE:
             _drive_file(resource, files, blockers)
         else:
@@ -126,6 +127,12 @@ def _block_files(
     for child in node.values():
         if isinstance(child, Mapping) and "driver" in child:
             _block_files(child, what, read_only, files, blockers)
+
+
+def _names_backing(node: Mapping[str, object]) -> bool:
+    return "backing" in node or any(
+        _names_backing(child) for child in node.values() if isinstance(child, Mapping)
+    )
 
 
 def _drive_file(resource: Resource, files: list[HostFile], blockers: list[str]) -> None:
@@ -179,6 +186,8 @@ def _blocker(resource: Resource) -> str | None:
                 return f"netdev '{resource.key}': runs host scripts"
         elif netdev not in NETDEVS:
             return f"netdev '{resource.key}' ({netdev}) opens host resources itself"
+        elif netdev == "user" and any(args.get(k) for k in ("tftp", "bootfile", "smb")):
+            return f"netdev '{resource.key}' serves host files itself (tftp, bootfile, smb)"
     elif resource.kind is Kind.DEVICE:
         driver = str(args.get("driver"))
         if driver.startswith(HOST_DEVICES):

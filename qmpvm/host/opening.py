@@ -1,7 +1,7 @@
 """Opening the host files a configuration names, for one engine.
 
 The I/O half of ``qmpvm.host.engine_files``: images go into fdsets of
-qmpvm's own (read-only, and read-write unless read-only), the kernel and
+qmpvm's own (one descriptor each: read-write unless read-only), the kernel and
 initrd are inherited (copied into a memfd first when the engine's user could
 not open the file by its ``/proc/self/fd`` name), and the FIFOs of each
 console qmpvm serves are made the engine's user's.  A file the host refuses is an
@@ -11,6 +11,7 @@ EngineError naming it, with everything opened so far closed again.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Iterable, Mapping
@@ -23,15 +24,18 @@ from qmpvm.config.model import Config
 from qmpvm.config.resource import Resource
 from qmpvm.engine.process import RunAs
 from qmpvm.errors import ConfigError, EngineError
+from qmpvm.fds import RESERVED_FDSETS, open_nonblocking
 from qmpvm.host.console_wiring import engine_chardev
 from qmpvm.host.consoles import Console
-from qmpvm.host.engine_files import FDSET_BASE, HostFile, engine_config, plan
+from qmpvm.host.engine_files import HostFile, engine_config, plan
 
 if TYPE_CHECKING:
     from qmpvm.engine.machine import EngineMachine
 
-ENGINE_USER = (65534, 65534)
-"""nobody:nogroup, the engine's user where it can run unprivileged."""
+ENGINE_IDS = 2_100_000_000
+ENGINE_ID_SPAN = 1 << 24
+"""An unprivileged engine gets a uid and gid of its own from this range (no
+account needs to exist), so that engines cannot reach one another."""
 KVM_DEVICE = "/dev/kvm"
 
 
@@ -65,14 +69,15 @@ def open_for_engine(
     shared: tuple[str, ...] = (),
 ) -> EngineFiles:
     """Open what ``config`` names for a new engine; ``unprivileged``: qmpvm may
-    run it as ``ENGINE_USER`` (it is root, and setpriv is there); ``own_root``:
-    it may give it a root of its own, where it reaches ``shared`` directories."""
+    run it as a user of its own (it is root, and setpriv is there); ``own_root``:
+    it may give it a root of its own, where it reaches ``shared`` directories
+    (the first, the consoles' FIFO directory, also names its user)."""
     found = plan(config)
     opened = EngineFiles(config)
     try:
         paths: dict[str, str] = {}
         blockers = list(found.blockers)
-        next_set = FDSET_BASE
+        next_set = RESERVED_FDSETS
         for image in found.files:
             if image.path in paths:
                 continue
@@ -80,7 +85,7 @@ def open_for_engine(
             opened.fdsets[next_set] = fds
             paths[image.path] = f"/dev/fdset/{next_set}"
             next_set += 1
-            blockers += _image_blockers(image, fds[0], config)
+            blockers += _image_blockers(image, fds[0])
         console_args = {c.id: engine_chardev(c.args, c.fifo_stem) for c in consoles}
         opened.serves_consoles = bool(console_args)
         opened.user_why = _user_why(config, blockers, unprivileged)
@@ -92,15 +97,17 @@ def open_for_engine(
                 "(its temporary directory is private), and the engine has no root of its own"
             )
         private = opened.user_why is None
+        engine_id = _engine_id(shared[0] if shared else "/")
         for console in consoles if private else ():
-            console.give_to(*ENGINE_USER)
+            console.give_to(engine_id, engine_id)
         for path in found.boot:
             fd = _open_boot_file(path, private=private)
             opened.inherited.append(fd)
             paths[path] = f"/proc/self/fd/{fd}"
         if private:
             opened.run_as = RunAs(
-                *ENGINE_USER,
+                engine_id,
+                engine_id,
                 groups=_engine_groups(config),
                 own_root=opened.root_why is None,
                 shared=shared,
@@ -118,30 +125,42 @@ def _open_image(image: HostFile) -> list[int]:
     refuses that (as QEMU's auto-read-only falls back), else read-only.  One
     only: QEMU's image locks belong to the open file, and a second one in
     the set would keep the locks of the first against the engine itself."""
-    if not image.read_only:
-        with contextlib.suppress(OSError):
-            return [os.open(image.path, os.O_RDWR | os.O_CLOEXEC)]
+    kinds = ("file", "block")
     try:
-        return [os.open(image.path, os.O_RDONLY | os.O_CLOEXEC)]
+        if not image.read_only:
+            try:
+                return [_blocking(open_nonblocking(image.path, os.O_RDWR, kinds=kinds))]
+            except OSError as err:
+                if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+        return [_blocking(open_nonblocking(image.path, os.O_RDONLY, kinds=kinds))]
     except OSError as err:
         raise EngineError(
             f"{image.what}: cannot open '{image.path}': {err.strerror or err}"
         ) from err
 
 
+def _blocking(fd: int) -> int:
+    """The engine's descriptor as QEMU opens it (it sets what it needs)."""
+    os.set_blocking(fd, True)
+    return fd
+
+
 QCOW2_MAGIC, QED_MAGIC, VMDK_MAGIC = b"QFI\xfb", b"QED\x00", b"KDMV"
 
 
-def _image_blockers(image: HostFile, fd: int, config: Config) -> list[str]:
+def _image_blockers(image: HostFile, fd: int) -> list[str]:
     """Files an image's header names, which the engine would open by name."""
     try:
-        header = os.pread(fd, 64, 0)
+        header = os.pread(fd, 104, 0)
     except OSError:
         return []
-    if header.startswith(QCOW2_MAGIC) and int.from_bytes(header[8:16], "big") != 0:
-        explicit = any("backing" in str(r.args) for r in config.resources)
-        if not explicit:
-            return [f"{image.what}: '{image.path}' names a backing file the engine opens itself"]
+    qcow2 = header.startswith(QCOW2_MAGIC)
+    if qcow2 and int.from_bytes(header[8:16], "big") != 0 and not image.backing_given:
+        return [f"{image.what}: '{image.path}' names a backing file the engine opens itself"]
+    version3 = qcow2 and int.from_bytes(header[4:8], "big") >= 3
+    if version3 and int.from_bytes(header[72:80], "big") & 4:  # incompatible: data file
+        return [f"{image.what}: '{image.path}' has an external data file the engine opens"]
     if header.startswith(QED_MAGIC) and int.from_bytes(header[56:60], "little") != 0:
         return [f"{image.what}: '{image.path}' names a backing file the engine opens itself"]
     if header.startswith(VMDK_MAGIC) or header.startswith(b"# Disk DescriptorFile"):
@@ -153,7 +172,7 @@ def _open_boot_file(path: str, *, private: bool) -> int:
     """The kernel or initrd, inheritable; for an unprivileged engine, a copy
     in a memfd if others may not read the file (its name would not open)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _blocking(open_nonblocking(path, os.O_RDONLY, kinds=("file",)))
     except OSError as err:
         raise EngineError(f"boot file: cannot open '{path}': {err.strerror or err}") from err
     if not private or os.fstat(fd).st_mode & stat.S_IROTH:
@@ -199,6 +218,12 @@ def _root_why(config: Config, user_why: str | None, allowed: bool) -> str | None
     return None
 
 
+def _engine_id(directory: str) -> int:
+    """The uid and gid of an engine whose FIFO directory is ``directory``:
+    one per directory (its inode), one directory per engine at a time."""
+    return ENGINE_IDS + os.stat(directory).st_ino % ENGINE_ID_SPAN
+
+
 def _reachable_by_others(directory: str) -> bool:
     """Whether every directory on the way to ``directory`` lets others through."""
     path = Path(directory).resolve()
@@ -237,7 +262,7 @@ async def hand_over(
     try:
         for image in found.files:
             opened.append(_open_image(image))
-            if private and _image_blockers(image, opened[-1][0], item):
+            if private and _image_blockers(image, opened[-1][0]):
                 raise ConfigError(
                     f"the engine runs unprivileged, and {image.what}: '{image.path}' "
                     "names a backing file it would open itself"
@@ -246,12 +271,13 @@ async def hand_over(
         if console is not None:
             console_args[console.id] = engine_chardev(console.args, console.fifo_stem)
             if private:
-                console.give_to(*ENGINE_USER)
+                owner = os.stat(f"/proc/{machine.pid}")
+                console.give_to(owner.st_uid, owner.st_gid)
         if not opened:
             return engine_config(item, {}, console_args).resources[0].args
         known = await machine.execute("query-fdsets", {})
         used = [int(entry["fdset-id"]) for entry in known] if isinstance(known, list) else []
-        first = max([FDSET_BASE - 1, *used]) + 1
+        first = max([RESERVED_FDSETS - 1, *used]) + 1
         for set_id, fds in enumerate(opened, start=first):
             for fd in fds:
                 await machine.execute("add-fd", {"fdset-id": set_id}, fds=[fd])

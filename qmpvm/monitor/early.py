@@ -159,7 +159,7 @@ def greeting_line() -> bytes:
 def bind(listener: Listener) -> _socket.socket:
     """A listening socket; a UNIX one is mode 0600 and appears only once it listens."""
     if listener.kind == "unix":
-        return _bind_unix(listener.path)
+        return bind_unix(listener.path)
     if listener.kind == "fd":
         sock = _socket.socket(fileno=int(listener.path))
         sock.listen(BACKLOG)  # libvirt passes it listening; listening again is harmless
@@ -185,7 +185,9 @@ def socket_path_free(path: str) -> bool:
         return True  # nothing there (or nothing to see: binding says why)
 
 
-def _bind_unix(path: str) -> _socket.socket:
+def bind_unix(path: str) -> _socket.socket:
+    """A listening socket at ``path`` (mode 0600), replacing a stale socket
+    there in one step, never another kind of file."""
     if not socket_path_free(path):
         raise OSError(f"{path} exists and is not a socket")
     staging = f"{path}.{os.getpid()}.tmp"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from qmpvm.errors import ArgumentError, EngineError
+from qmpvm.fds import open_nonblocking
 from qmpvm.host import consoles as consoles_module
 from qmpvm.host.console_output import History, Ring
 from qmpvm.host.console_wiring import (
@@ -280,3 +281,25 @@ async def test_input_waits_when_the_guest_does_not_take_it(tmp_path: Path) -> No
     finally:
         console.close(remove=True)
         engine.close()
+
+
+async def test_a_file_console_taken_over_appends(tmp_path: Path) -> None:
+    out = tmp_path / "serial.log"
+    console = Console(chardev("f", "file", out=str(out)), None)
+    await console.open(tmp_path)
+    console.deliver(b"before\n")
+    console.close(remove=False)  # qmpvm restarts; the engine keeps its FIFOs
+    again = Console(chardev("f", "file", out=str(out)), None)
+    await again.open(tmp_path, existing=True)
+    again.deliver(b"after\n")
+    again.close(remove=True)
+    assert out.read_bytes() == b"before\nafter\n"
+
+
+def test_what_could_block_qmpvm_is_not_opened(tmp_path: Path) -> None:
+    fifo = tmp_path / "trap"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file or a block device"):
+        open_nonblocking(str(fifo), os.O_RDONLY, kinds=("file", "block"))
+    with pytest.raises(OSError, match="No such device or address"):
+        open_nonblocking(str(fifo), os.O_WRONLY)  # no reader: refused, not waited for
