@@ -52,7 +52,7 @@ ENGINE_ROOT = r"""
 set -e
 r=/mnt
 mount -t tmpfs -o mode=0755,size=1m qmpvm-engine-root "$r"
-mkdir -p "$r/usr" "$r/proc" "$r/dev/pts" "$r/etc" "$r/var/tmp"
+mkdir -p "$r/usr" "$r/proc" "$r/dev" "$r/etc" "$r/var/tmp"
 mount --rbind /usr "$r/usr"
 mount -o remount,bind,ro "$r/usr"
 for l in lib lib32 lib64 libx32 bin sbin; do
@@ -61,12 +61,11 @@ for l in lib lib32 lib64 libx32 bin sbin; do
   fi
 done
 mount --rbind /proc "$r/proc"
-for d in null zero full urandom random kvm ptmx net/tun; do
+for d in null zero full urandom random kvm net/tun; do
   if [ -e "/dev/$d" ]; then
     mkdir -p "$(dirname "$r/dev/$d")"; touch "$r/dev/$d"; mount --bind "/dev/$d" "$r/dev/$d"
   fi
 done
-mount --bind /dev/pts "$r/dev/pts"
 mount --bind /var/tmp "$r/var/tmp"
 for f in ld.so.cache resolv.conf hosts; do
   if [ -e "/etc/$f" ]; then

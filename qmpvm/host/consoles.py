@@ -416,8 +416,14 @@ class Consoles:
     def directory(self) -> Path:
         """The FIFO directory, made on first use."""
         if self.fifo_dir is None:
-            self.fifo_dir = Path(tempfile.mkdtemp(prefix="qmpvm-consoles-"))
-            self.fifo_dir.chmod(0o711)
+            try:
+                # TMPDIR named, not probed (probing needs descriptors to spare)
+                where = os.environ.get("TMPDIR") or "/tmp"
+                made = Path(tempfile.mkdtemp(prefix="qmpvm-consoles-", dir=where))
+                made.chmod(0o711)
+            except OSError as err:
+                raise EngineError(f"cannot start the engine: consoles' directory: {err}") from err
+            self.fifo_dir = made
         return self.fifo_dir
 
     def console(self, chardev_id: str, config: Config | None = None) -> Console | None:
