@@ -14,7 +14,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,7 +63,7 @@ class EngineFiles:
 
 def open_for_engine(
     config: Config,
-    consoles: Iterable[Console],
+    consoles: Sequence[Console],
     *,
     unprivileged: bool = True,
     own_root: bool = True,
