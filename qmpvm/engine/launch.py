@@ -70,11 +70,13 @@ def build_launch(
     spawn: bool = False,
     consoles: bool = False,
     inherited: Sequence[int] = (),
+    opaques: Mapping[int, str] | None = None,
 ) -> LaunchPlan:
     """The engine's argv and the descriptors it inherits; ``config`` is as
     the engine is given it (``qmpvm.host.opening``), ``consoles``: qmpvm
     serves some of its chardevs, ``inherited``: descriptors it names by
-    ``/proc/self/fd/N``; ``incoming``: it
+    ``/proc/self/fd/N``; ``opaques``: fdset members' opaque strings, by
+    descriptor; ``incoming``: it
     waits for its state (``migrate-incoming``) instead of booting, whatever
     ``incoming``/``loadvm`` the configuration names; ``link_listens``: the
     link descriptor is a listening socket, not a connected one; ``spawn``:
@@ -99,7 +101,10 @@ def build_launch(
     pass_fds = [link_fd, *inherited]
     for fdset_id, fds in sorted(fdsets.items()):
         for fd in fds:
-            argv += ["-add-fd", f"fd={fd},set={fdset_id}"]
+            member: dict[str, object] = {"fd": fd, "set": fdset_id}
+            if fd in (opaques or {}):
+                member["opaque"] = (opaques or {})[fd]
+            argv += ["-add-fd", encode(member)]
             pass_fds.append(fd)
     for kind in KINDS:
         for resource in config.of_kind(kind):

@@ -128,6 +128,12 @@ class EngineMachine:
                 spawn=settings.allow_host_programs,
                 consoles=host.serves_consoles if host else False,
                 inherited=host.inherited if host else (),
+                opaques={
+                    e.fd: e.opaque
+                    for entries in fds.fdsets.values()
+                    for e in entries
+                    if e.opaque is not None
+                },
             )
         except BaseException:
             ours.close()

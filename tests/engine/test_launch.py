@@ -26,6 +26,7 @@ def launch(
     config: Config,
     named_fds: dict[str, int] | None = None,
     fdsets: dict[int, list[int]] | None = None,
+    opaques: dict[int, str] | None = None,
 ) -> LaunchPlan:
     return build_launch(
         config,
@@ -34,6 +35,7 @@ def launch(
         link_fd=LINK_FD,
         named_fds=named_fds or {},
         fdsets=fdsets or {},
+        opaques=opaques,
     )
 
 
@@ -101,8 +103,8 @@ def test_passed_descriptors_are_inherited_and_named_by_number() -> None:
     config = add(Config(), Kind.NETDEV, {"type": "tap", "id": "n0", "fd": "tap0"})
     file = {"driver": "file", "node-name": "f0", "filename": "/dev/fdset/2"}
     config = add(config, Kind.BLOCK, file)
-    plan = launch(config, named_fds={"tap0": 21}, fdsets={2: [22, 23]})
-    assert values(plan, "-add-fd") == ["fd=22,set=2", "fd=23,set=2"]
+    plan = launch(config, named_fds={"tap0": 21}, fdsets={2: [22, 23]}, opaques={23: "a,b"})
+    assert values(plan, "-add-fd") == ["fd=22,set=2", "fd=23,set=2,opaque=a,,b"]
     assert json.loads(values(plan, "-netdev")[0])["fd"] == "21"
     assert set(plan.pass_fds) == {LINK_FD, 21, 22, 23}
 
