@@ -97,7 +97,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from processes import bytecode_env, cpu_seconds, exit_on_sigterm, spawn, stop, stop_all
+from processes import bytecode_env, cpu_seconds, exit_on_sigterm, loadavg, spawn, stop, stop_all
 from qemu.qmp import ConnectError, QMPClient
 
 from qmpvm.images import READY_MARKER, build_guest
@@ -334,7 +334,7 @@ def main() -> int:
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # connect retries log errors
     exit_on_sigterm()
-    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load_before = loadavg()
     try:
         with tempfile.TemporaryDirectory(prefix="qmpvm-boot-") as tmp:
             pyc = "with" if opts.pyc else "without"
@@ -343,7 +343,7 @@ def main() -> int:
             out = asyncio.run(bench(Path(tmp), opts))
     finally:
         stop_all()
-    load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load_after = loadavg()
     qemu_runs = out["qemu"]
     qmpvm_runs = out["qmpvm"]
     cold = out["cold"]

@@ -124,7 +124,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from monitor import stale_bytecode, warm_capability_cache
-from processes import REPO, cpu_seconds
+from processes import REPO, cpu_seconds, loadavg
 
 from qmpvm.engine.caps import cache_dirs, cache_path, resolve_binary, stat_identity
 from qmpvm.images import READY_MARKER, GuestImage, build_guest
@@ -527,10 +527,6 @@ def report_probe(probes: list[Probe], reap: float) -> tuple[float, float]:
     span_ratio = med([p.span["qmpvm"] for p in probes]) / med([p.span["QEMU"] for p in probes])
     inside = {k: med([sum(p.sessions[k].values()) for p in probes]) for k in NAMES}
     return span_ratio, inside["qmpvm"] / inside["QEMU"]
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def sources_mtime() -> float:

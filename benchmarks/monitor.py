@@ -133,7 +133,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
-from processes import REPO, cpu_seconds, exit_on_sigterm, spawn, stop, stop_all
+from processes import REPO, cpu_seconds, exit_on_sigterm, loadavg, spawn, stop, stop_all
 from qemu.qmp import ConnectError, ExecuteError, QMPClient
 
 QEMU = "qemu-system-x86_64"
@@ -899,10 +899,6 @@ def main() -> int:
           "(no goal)")  # fmt: skip
     print(f"    invalid blockdev-add round trip, median, in memory: {bad_ratio:.2f}")
     return 0
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def qemu_version() -> str:

@@ -76,3 +76,8 @@ def bytecode_env(cache: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(cache)
     return env
+
+
+def loadavg() -> str:
+    """The host's 1, 5 and 15 minute load averages, as printed beside figures."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])

@@ -159,7 +159,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from processes import bytecode_env, cpu_seconds, exit_on_sigterm, spawn, stop, stop_all
+from processes import bytecode_env, cpu_seconds, exit_on_sigterm, loadavg, spawn, stop, stop_all
 
 from qmpvm.engine.record import EngineRecord, identity
 from qmpvm.images import READY_MARKER, GuestImage, build_guest, guest_cmdline
@@ -783,7 +783,7 @@ def main() -> int:
     opts.runs = opts.runs or (3 if opts.quick else 10)
     logging.basicConfig(level=logging.ERROR)
     exit_on_sigterm()
-    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load_before = loadavg()
     started = now()
     with tempfile.TemporaryDirectory(prefix="qmpvm-reattach-") as tmp:
         run = Run(Path(tmp), opts)
@@ -795,7 +795,7 @@ def main() -> int:
             pystart = python_start(run.env)
         finally:
             run.cleanup()
-    load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load_after = loadavg()
     print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average: "
           f"{load_before} -> {load_after}, wall {now() - started:.0f} s "
           "(other work on the host skews figures)")  # fmt: skip

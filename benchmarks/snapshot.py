@@ -170,7 +170,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from processes import bytecode_env, exit_on_sigterm, spawn, stop, stop_all
+from processes import bytecode_env, exit_on_sigterm, loadavg, spawn, stop, stop_all
 from qemu.qmp import ConnectError, QMPClient
 from qemu.qmp.events import EventListener
 
@@ -774,7 +774,7 @@ def main() -> int:
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)  # connect retries log errors
     exit_on_sigterm()
-    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load_before = loadavg()
     started = now()
     try:
         with tempfile.TemporaryDirectory(prefix="qmpvm-snapshot-") as tmp:
@@ -787,7 +787,7 @@ def main() -> int:
         for path in _SHM:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-    load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load_after = loadavg()
     print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average: "
           f"{load_before} -> {load_after}, wall {now() - started:.0f} s "
           "(other work on the host skews figures)")  # fmt: skip

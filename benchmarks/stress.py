@@ -89,7 +89,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from processes import REPO, cpu_seconds, exit_on_sigterm, stop
+from processes import REPO, cpu_seconds, exit_on_sigterm, loadavg, stop
 from qemu.qmp import QMPClient
 
 sys.path.insert(0, str(REPO / "tests" / "stress"))
@@ -521,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.flood_worker:
         return flood_worker(opts.flood_worker)
     exit_on_sigterm()
-    load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load_before = loadavg()
     version = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=True)
     print(f"stress benchmark: {version.stdout.splitlines()[0]}, {os.cpu_count()} CPUs, "
           f"seed {opts.seed}, {opts.seconds:g} s per flood, load average {load_before}",
@@ -532,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for process in list(_STARTED):
             stop(process, 3.0)
-    load_after = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    load_after = loadavg()
     print(f"load average: {load_before} -> {load_after} (other work on the host skews figures)")
     report(phases, opts)
     return 0
