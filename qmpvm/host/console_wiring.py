@@ -42,11 +42,16 @@ def owns(args: Mapping[str, object]) -> bool:
         return False
     if any(data.get(option) for option in _ENGINE_ONLY_SOCKET):
         return False
-    addr = typing.cast(Mapping[str, object], data.get("addr", {}))
-    where = typing.cast(Mapping[str, object], addr.get("data", {}))
-    if addr.get("type") == "unix":
+    kind, where = socket_address(data)
+    if kind == "unix":
         return not where.get("abstract")
-    return addr.get("type") == "inet" and not any(k in where for k in ("to", "ipv4", "ipv6"))
+    return kind == "inet" and not any(k in where for k in ("to", "ipv4", "ipv6"))
+
+
+def socket_address(data: Mapping[str, object]) -> tuple[object, Mapping[str, object]]:
+    """A socket chardev's address: its type ("unix", "inet", "fd", ...) and members."""
+    addr = typing.cast(Mapping[str, object], data.get("addr", {}))
+    return addr.get("type"), typing.cast(Mapping[str, object], addr.get("data", {}))
 
 
 def check(args: Mapping[str, object]) -> None:
@@ -95,9 +100,8 @@ def filename(args: Mapping[str, object], peers: Sequence[str]) -> str:
         return "ringbuf"
     if backend != "socket":
         return backend
-    addr = typing.cast(Mapping[str, object], data.get("addr", {}))
-    where = typing.cast(Mapping[str, object], addr.get("data", {}))
-    if addr.get("type") == "unix":
+    kind, where = socket_address(data)
+    if kind == "unix":
         text = f"unix:{where.get('path')},server=on"
     else:
         text = f"tcp:{where.get('host', '')}:{where.get('port')},server=on"

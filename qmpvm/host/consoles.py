@@ -34,7 +34,7 @@ from qmpvm.config.resource import Kind
 from qmpvm.errors import EngineError
 from qmpvm.fds import FdRegistry
 from qmpvm.host.console_output import ConsoleLog, History, Ring
-from qmpvm.host.console_wiring import filename, owns, ring_size, stem
+from qmpvm.host.console_wiring import filename, owns, ring_size, socket_address, stem
 from qmpvm.monitor.early import bind_unix
 
 log = logging.getLogger(__name__)
@@ -131,14 +131,10 @@ class Console:
             return str(self.data["out"])
         if self.backend != "socket":
             return self.fifo_stem
-        where = self._address()
+        _kind, where = socket_address(self.data)
         if "path" in where:
             return str(where["path"])
         return f"{where.get('host', '')}:{where.get('port')}"
-
-    def _address(self) -> Mapping[str, object]:
-        addr = typing.cast(Mapping[str, object], self.data.get("addr", {}))
-        return typing.cast(Mapping[str, object], addr.get("data", {}))
 
     async def _serve(self, *, existing: bool) -> None:
         """Open the backend's host side (``existing``: again, for an engine
@@ -150,7 +146,7 @@ class Console:
             self._file = self._fds.open(self.host_path(), flags)
         elif self.backend == "stdio":
             self._terminal = _Terminal(self, signals=self.data.get("signal", True) is not False)
-        elif self.backend == "socket" and "path" in self._address():
+        elif self.backend == "socket" and socket_address(self.data)[0] == "unix":
             path = self.host_path()
             raw = bind_unix(path)
             listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=raw.detach())
@@ -158,7 +154,7 @@ class Console:
             self._bound = (found.st_dev, found.st_ino)
             self._server = await loop.create_unix_server(lambda: _Peer(self), sock=listening)
         elif self.backend == "socket":
-            where = self._address()
+            _kind, where = socket_address(self.data)
             host, port = str(where.get("host", "")) or None, int(str(where["port"]))
             self._server = await loop.create_server(lambda: _Peer(self), host, port)
 

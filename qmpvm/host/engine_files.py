@@ -12,7 +12,6 @@ plan's ``blockers``, each saying what and why.  Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ from qmpvm.config.chardev import backend_of
 from qmpvm.config.machine import as_object
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind, Resource
-from qmpvm.host.console_wiring import owns
+from qmpvm.host.console_wiring import owns, socket_address
 
 FILE_DRIVERS = frozenset({"file", "host_device", "host_cdrom"})
 NETWORK_DRIVERS = frozenset(
@@ -205,10 +204,8 @@ def _chardev_blocker(resource: Resource) -> str | None:
         return f"chardev '{resource.key}' writes its log file '{logfile}' itself"
     if owns(resource.args) or backend in ENGINE_CHARDEVS:
         return None
-    if backend == "socket":
-        addr = typing.cast(Mapping[str, object], data.get("addr", {}))
-        if addr.get("type") in ("inet", "fd"):
-            return None
+    if backend == "socket" and socket_address(data)[0] in ("inet", "fd"):
+        return None
     return f"chardev '{resource.key}' ({backend}) opens host paths itself"
 
 
