@@ -212,7 +212,7 @@ class Vmm:
                 own_root=may_give_own_root(caps.binary if caps else self.settings.binary),
                 shared=(str(self.consoles.directory()),),
             )
-            self.machine = machine = await EngineMachine.start(
+            self.machine = await EngineMachine.start(
                 config,
                 self.fds,
                 caps,
@@ -228,8 +228,6 @@ class Vmm:
         finally:
             if host is not None:
                 host.close()  # the engine has its own copies now
-        machine.consoles_dir = self.consoles.fifo_dir
-        machine.save_record()
 
     async def reattach(self) -> bool:
         """Take over the engine an earlier qmpvm left running in the state

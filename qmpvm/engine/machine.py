@@ -183,6 +183,7 @@ class EngineMachine:
         if host is not None:
             machine.aliases, machine.user_why = dict(host.aliases), host.user_why
             machine.root_why = host.root_why
+            machine.consoles_dir = Path(host.consoles_dir) if host.consoles_dir else None
         machine.save_record()
         machine._supervisor = asyncio.get_running_loop().create_task(
             machine._supervise(stderr_task)

@@ -52,6 +52,7 @@ class EngineFiles:
     serves_consoles: bool = False  # some of its chardevs are qmpvm's
     user_why: str | None = None  # why the engine keeps qmpvm's user
     root_why: str | None = None  # why it sees the host's file system
+    consoles_dir: str | None = None  # the consoles' FIFOs, for a later takeover
 
     def close(self) -> None:
         for fd in [*self.inherited, *(fd for fds in self.fdsets.values() for fd in fds)]:
@@ -74,29 +75,23 @@ def open_for_engine(
     it may give it a root of its own, where it reaches ``shared`` directories
     (the first, the consoles' FIFO directory, also names its user)."""
     found = plan(config)
-    opened = EngineFiles(config)
+    opened = EngineFiles(config, consoles_dir=shared[0] if shared else None)
     try:
-        paths: dict[str, str] = {}
-        blockers = list(found.blockers)
-        next_set = RESERVED_FDSETS
-        for image in found.files:
-            if image.path in paths:
-                continue
-            fds = _open_image(image)
-            opened.fdsets[next_set] = fds
-            paths[image.path] = f"/dev/fdset/{next_set}"
-            next_set += 1
-            blockers += _image_blockers(image, fds[0])
+        images, blockers = _open_images(found.files, opened.fdsets, RESERVED_FDSETS)
+        blockers = [*found.blockers, *blockers]
+        paths = _fdset_names(images, RESERVED_FDSETS)
         console_args = {c.id: engine_chardev(c.args, c.fifo_stem) for c in consoles}
         opened.serves_consoles = bool(console_args)
         opened.user_why = _user_why(config, blockers, unprivileged)
         opened.root_why = _root_why(config, opened.user_why, own_root)
-        hidden = [d for d in shared if not _reachable_by_others(d)]
-        if opened.user_why is None and opened.root_why is not None and hidden and console_args:
-            opened.user_why = (
-                f"the consoles' FIFO directory {hidden[0]} is not reachable by other users "
-                "(its temporary directory is private), and the engine has no root of its own"
-            )
+        if opened.user_why is None and opened.root_why is not None and console_args:
+            hidden = [d for d in shared if not _reachable_by_others(d)]
+            if hidden:
+                opened.user_why = (
+                    f"the consoles' FIFO directory {hidden[0]} is not reachable by other "
+                    "users (its temporary directory is private), and the engine has no "
+                    "root of its own"
+                )
         private = opened.user_why is None
         engine_id = _engine_id(shared[0] if shared else "/")
         for console in consoles if private else ():
@@ -119,6 +114,28 @@ def open_for_engine(
         opened.close()
         raise
     return opened
+
+
+def _open_images(
+    files: Sequence[HostFile], into: dict[int, list[int]], first: int
+) -> tuple[list[tuple[HostFile, list[int]]], list[str]]:
+    """Each image once (two nodes may name one file), its descriptors also put
+    in ``into`` under fdset ``first`` + its index (so that the caller closes
+    them on failure); and what their headers say the engine would open itself."""
+    images: list[tuple[HostFile, list[int]]] = []
+    blockers: list[str] = []
+    for image in files:
+        if any(image.path == known.path for known, _fds in images):
+            continue
+        fds = into[first + len(images)] = _open_image(image)
+        images.append((image, fds))
+        blockers += _image_blockers(image, fds[0])
+    return images, blockers
+
+
+def _fdset_names(images: Sequence[tuple[HostFile, list[int]]], first: int) -> dict[str, str]:
+    """Each image's path -> the fdset name the engine opens it by."""
+    return {image.path: f"/dev/fdset/{first + n}" for n, (image, _fds) in enumerate(images)}
 
 
 def _open_image(image: HostFile) -> list[int]:
@@ -265,15 +282,11 @@ async def hand_over(
     private = machine.user_why is None
     if private and found.blockers:
         raise ConfigError(f"the engine runs unprivileged, and {found.blockers[0]}")
-    opened: list[list[int]] = []
+    opened: dict[int, list[int]] = {}
     try:
-        for image in found.files:
-            opened.append(_open_image(image))
-            if private and _image_blockers(image, opened[-1][0]):
-                raise ConfigError(
-                    f"the engine runs unprivileged, and {image.what}: '{image.path}' "
-                    "names a backing file it would open itself"
-                )
+        images, blockers = _open_images(found.files, opened, 0)  # the ids come later
+        if private and blockers:
+            raise ConfigError(f"the engine runs unprivileged, and {blockers[0]}")
         console_args: dict[str, Mapping[str, object]] = {}
         if console is not None:
             console_args[console.id] = engine_chardev(console.args, console.fifo_stem)
@@ -285,13 +298,13 @@ async def hand_over(
         known = await machine.execute("query-fdsets", {})
         used = [int(entry["fdset-id"]) for entry in known] if isinstance(known, list) else []
         first = max([RESERVED_FDSETS - 1, *used]) + 1
-        for set_id, fds in enumerate(opened, start=first):
+        for set_id, (_image, fds) in enumerate(images, start=first):
             for fd in fds:
                 await machine.execute("add-fd", {"fdset-id": set_id}, fds=[fd])
     finally:
-        for fd in (fd for fds in opened for fd in fds):
+        for fd in (fd for fds in opened.values() for fd in fds):
             os.close(fd)
-    paths = {image.path: f"/dev/fdset/{first + n}" for n, image in enumerate(found.files)}
+    paths = _fdset_names(images, first)
     machine.aliases.update({name: path for path, name in paths.items()})
     machine.save_record()
     return engine_config(item, paths, console_args).resources[0].args
