@@ -85,9 +85,10 @@ class ConsoleLog:
     def restore(self, history: History) -> None:
         """Fill a fresh history with what the log holds."""
         kept = b""
-        for part in (self.old, self.path):
-            with contextlib.suppress(OSError):
-                kept += part.read_bytes()[-history.limit :]
+        for part in (self.old, self.path):  # only the tails: a log is up to 4 MiB
+            with contextlib.suppress(OSError), part.open("rb") as stream:
+                stream.seek(max(0, stream.seek(0, os.SEEK_END) - history.limit))
+                kept += stream.read()
         history.append(kept)
         history.end = self.base + _size(self.old) + _size(self.path)
 
