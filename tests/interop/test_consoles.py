@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import connect, next_event, quit_and_disconnect, start_qmpvm
 from qemu.qmp import ExecuteError, QMPClient
+from test_console_tool import read_until as read_stream_until
 from test_engine import BOOT_TIMEOUT, configure, socket_chardev
 
 from qmpvm.images import READY_MARKER, GuestImage, guest_cmdline
@@ -29,12 +30,9 @@ async def console_tool(monitor: Path, chardev: str, *options: str) -> Process:
 
 
 async def read_until(tool: Process, needle: bytes, seen: bytearray) -> None:
+    """``needle`` in what ``tool`` printed (``seen`` grows with it)."""
     assert tool.stdout is not None
-    async with asyncio.timeout(BOOT_TIMEOUT):
-        while needle not in seen:
-            chunk = await tool.stdout.read(4096)
-            assert chunk, f"the console ended before {needle!r}: {bytes(seen[-300:])!r}"
-            seen += chunk
+    await read_stream_until(tool.stdout, needle, seen)
 
 
 async def peers(client: QMPClient, label: str, connected: bool) -> str:
