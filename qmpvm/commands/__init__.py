@@ -10,6 +10,7 @@ from qmpvm.commands import (  # noqa: F401
     fds,
     introspection,
     machine,
+    outputs,
     queries,
     resources,
     runstate,

@@ -308,3 +308,51 @@ async def hand_over(
     machine.aliases.update({name: path for path, name in paths.items()})
     machine.save_record()
     return engine_config(item, paths, console_args).resources[0].args
+
+
+async def with_output_file(
+    machine: EngineMachine,
+    command: str,
+    arguments: Mapping[str, object],
+    *,
+    member: str,
+    prefix: str,
+    by_name: bool,
+    mode: int,
+) -> object:
+    """Run ``command`` on the engine with the output file its ``member`` names
+    (after ``prefix``) opened here (created or truncated, write-only, never
+    waited for) and named as an fdset, or (``by_name``: the engine opens it
+    with plain ``fopen``) as ``/proc/self/fd/N``, the file the engine user's
+    while the command runs.  The fdset is removed again afterwards."""
+    path = str(arguments[member]).removeprefix(prefix)
+    try:
+        fd = open_nonblocking(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    except OSError as err:
+        raise ConfigError(f"Could not open '{path}': {err.strerror or err}") from err
+    try:
+        os.set_blocking(fd, True)
+        known = await machine.execute("query-fdsets", {})
+        used = [int(entry["fdset-id"]) for entry in known] if isinstance(known, list) else []
+        set_id = max([RESERVED_FDSETS - 1, *used]) + 1
+        added = await machine.execute("add-fd", {"fdset-id": set_id}, fds=[fd])
+        owner = os.fstat(fd)
+        if by_name:  # the engine reopens the file itself: lend it to the engine's user
+            engine = os.stat(f"/proc/{machine.pid}")
+            os.fchown(fd, engine.st_uid, engine.st_gid)
+    except BaseException:
+        os.close(fd)
+        raise
+    number = added.get("fd") if isinstance(added, dict) else None
+    name = f"/proc/self/fd/{number}" if by_name else f"/dev/fdset/{set_id}"
+    machine.aliases[name] = path
+    try:
+        return await machine.execute(command, {**arguments, member: prefix + name})
+    finally:
+        if by_name:
+            with contextlib.suppress(OSError):
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+        os.close(fd)
+        machine.aliases.pop(name, None)
+        with contextlib.suppress(EngineError):
+            await machine.execute("remove-fd", {"fdset-id": set_id})

@@ -61,6 +61,15 @@ async def test_the_engine_runs_unprivileged_under_a_syscall_filter(
     await client.execute("cont")
     console = RingbufConsole(client, "ser0")  # qmpvm opened the kernel and initrd for it
     await console.expect(READY_MARKER, BOOT_TIMEOUT)
+    # files the engine writes for a client: qmpvm opens them, the engine cannot
+    saved, dump = tmp_path / "mem", tmp_path / "dump"
+    await client.execute("pmemsave", {"val": 0, "size": 4096, "filename": str(saved)})
+    assert saved.stat().st_size == 4096 and saved.stat().st_uid == os.getuid()
+    await client.execute("dump-guest-memory", {"paging": False, "protocol": f"file:{dump}"})
+    assert dump.stat().st_size > 1 << 20
+    missing = tmp_path / "no" / "mem"
+    with pytest.raises(ExecuteError, match=f"Could not open '{missing}': No such file"):
+        await client.execute("pmemsave", {"val": 0, "size": 1, "filename": str(missing)})
     await quit_and_disconnect(client)
 
 
