@@ -43,6 +43,10 @@ class GuestConsole:
             await self.write(CURSOR_REPLY)
         return text
 
+    def skip_received(self) -> None:
+        """Let the next ``expect`` match only output received after this call."""
+        self._seen = len(self.transcript)
+
     async def expect(self, needle: str, timeout: float = 30.0) -> str:
         """Everything from the last match up to and including ``needle``."""
         deadline = time.monotonic() + timeout

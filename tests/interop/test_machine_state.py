@@ -41,8 +41,11 @@ async def start_ticker(console: SocketConsole) -> str:
 
 
 async def last_tick(console: SocketConsole, token: str) -> int:
-    """The highest counter printed so far (after waiting for one more)."""
+    """The highest counter printed so far, after waiting for a whole tick line
+    received after this call (so two calls in a row see the guest count on)."""
+    console.skip_received()
     await console.expect(f"TICK {token} ", 30)
+    await console.expect("\n", 30)
     return max(int(n) for t, n in TICK.findall(console.transcript) if t == token)
 
 
