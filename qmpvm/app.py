@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,8 @@ log = logging.getLogger("qmpvm")
 
 REPLAY_CLIENT = -1
 """The client id of commands from --config and the command line."""
+CONSOLE_CLIENT = -2
+"""The client id of commands typed into an HMP monitor on a console."""
 
 
 class StartupError(Exception):
@@ -94,6 +97,7 @@ class ControlPlane:
             quit_requested=quit_requested,
         )
         self.vmm, self.dispatcher = vmm, Dispatcher(REGISTRY, vmm)
+        vmm.consoles.execute = self._console_command
         return vmm
 
     def open(self) -> None:
@@ -106,6 +110,13 @@ class ControlPlane:
         if self.dispatcher is None:
             raise RuntimeError("control plane not loaded")
         return await self.dispatcher.dispatch(request, client)
+
+    async def _console_command(
+        self, name: str, arguments: Mapping[str, object]
+    ) -> Mapping[str, object]:
+        """A command from an HMP monitor on a console, dispatched as a client's."""
+        request = Request(name=name, arguments=dict(arguments))
+        return await self.dispatch(request, Client(id=CONSOLE_CLIENT))
 
     def client_gone(self, client: Client) -> None:
         if self.vmm is not None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, cast
 
 from qmpvm.config import chardev, kinds
 from qmpvm.config.descriptors import NETDEV_FD_MEMBERS, chardev_fd
@@ -165,6 +165,8 @@ class Translator:
         self.drive_devices: list[tuple[Kind, dict[str, object]]] = []
         self.json_devices: list[tuple[Kind, dict[str, object]]] = []
         self.monitors: list[str] = []  # chardev ids that -mon makes QMP monitors
+        self.monitor_given = False  # -qmp, -mon or -monitor: no default monitor
+        self.nographic = False
         self.drives: list[tuple[str, int, int]] = []
         self.defaults = True
         self.counters: dict[str, int] = {}
@@ -312,8 +314,14 @@ class Translator:
     def implied(self, option: str, value: str) -> None:
         """Options whose meaning is what qmpvm always does (see the table)."""
 
-    def display_none(self, option: str, value: str) -> None:
+    def nographic_(self, option: str, value: str) -> None:
+        """No display; the default serial port on stdio with a monitor
+        multiplexed on it (``finish``), as in QEMU."""
         self.set("display", {"type": "none"})
+        self.nographic = True
+
+    def escape_char(self, option: str, value: str) -> None:
+        self.set("escape-char", sugar.integer(value))
 
     def boot_source(self, option: str, value: str) -> None:
         self.boot[option.lstrip("-")] = value
@@ -412,14 +420,19 @@ class Translator:
         name = option.lstrip("-")
         number = self.next_id(name)  # QEMU counts every port, chardev:ID ones too
         if value != "none" and not value.startswith("chardev:"):
-            if value.startswith("mon:"):
-                self.fail(f"{option} {value}: HMP monitors are not offered (QMP is: -qmp)")
+            monitored = value.startswith("mon:")
             chardev_id = "debugcon" if name == "debugcon" else number
-            tree = self.typer.group("chardev", sugar.chardev_spec(value, chardev_id))
-            for args in chardev.from_legacy(tree):
-                self.add(Kind.CHARDEV, args)
+            self.chardev_for(value.removeprefix("mon:"), chardev_id)
+            if monitored:
+                self.set("monitors", {"chardev": chardev_id, "mux": True})
             value = f"chardev:{chardev_id}"
         self.set(name, value)
+
+    def chardev_for(self, spec: str, chardev_id: str) -> None:
+        """The chardev a -serial/-monitor spec (``stdio``, ``unix:P,server=on``...) makes."""
+        tree = self.typer.group("chardev", sugar.chardev_spec(spec, chardev_id))
+        for args in chardev.from_legacy(tree):
+            self.add(Kind.CHARDEV, args)
 
     def readconfig(self, option: str, value: str) -> None:
         """QEMU's config file: each ``[group "id"]`` section is that group's option."""
@@ -440,23 +453,34 @@ class Translator:
     # -- the qmpvm process -------------------------------------------------
 
     def qmp(self, option: str, value: str) -> None:
+        self.monitor_given = True
         try:
             self.options.listeners.append(parse_qmp_spec(value))
         except ValueError as err:
             self.fail(str(err))
 
     def mon(self, option: str, value: str) -> None:
+        """``mode=control``: a QMP monitor qmpvm listens on (``finish``);
+        ``readline``: an HMP monitor qmpvm serves on the console."""
+        self.monitor_given = True
         tree = parse(value, "chardev")
         mode = tree.get("mode", "readline")
-        if mode != "control":
-            self.fail(f"-mon mode={mode}: HMP monitors are not offered (use mode=control)")
         if tree.get("pretty") in ("on", "true", "yes"):
             self.fail("-mon pretty=on: pretty-printed QMP is not offered")
-        self.monitors.append(str(tree["chardev"]))
+        if mode == "control":
+            self.monitors.append(str(tree["chardev"]))
+        elif mode == "readline":
+            self.set("monitors", {"chardev": str(tree["chardev"])})
+        else:
+            self.fail(f"-mon mode={mode}: expected 'readline' or 'control'")
 
     def monitor(self, option: str, value: str) -> None:
+        """An HMP monitor on a chardev of QEMU's name for it; ``mon:`` is implied."""
+        self.monitor_given = True
         if value != "none":
-            self.fail(f"{option} {value}: HMP monitors are not offered (QMP is: -qmp)")
+            chardev_id = self.next_id("compat_monitor")
+            self.chardev_for(value.removeprefix("mon:"), chardev_id)
+            self.set("monitors", {"chardev": chardev_id})
 
     def add_fd(self, option: str, value: str) -> None:
         tree = parse(value)
@@ -497,8 +521,48 @@ class Translator:
 
     # -- the end ---------------------------------------------------------
 
+    def nographic_defaults(self) -> None:
+        """What QEMU adds for -nographic when the line leaves them to it: the
+        serial port on stdio, shared with the monitor unless one was given;
+        a null parallel port; a monitor on stdio if the serial port is elsewhere."""
+        if not self.defaults:
+            return
+        ports = ("serial", "parallel")
+        if self.options.daemonize and not (
+            self.monitor_given and all(map(self.settings.get, ports))
+        ):
+            self.fail("-nographic cannot be used with -daemonize")
+        if "serial" not in self.settings:
+            self.serial("-serial", "stdio" if self.monitor_given else "mon:stdio")
+        elif not self.monitor_given:
+            self.monitor("-monitor", "stdio")
+        if "parallel" not in self.settings:
+            self.serial("-parallel", "null")
+
+    def shared_monitors(self, resources: list[tuple[Kind, dict[str, object]]]) -> None:
+        """A readline -mon on a ``mux=on`` chardev: qmpvm serves the mux, so the
+        pair QEMU would make (``ID-base`` and the mux ``ID``) is one console ``ID``."""
+        for monitor in cast(list[dict[str, object]], self.settings.get("monitors", [])):
+            chardev_id = monitor["chardev"]
+            mux = next((a for k, a in resources if k is Kind.CHARDEV and a.get("id") == chardev_id
+                        and chardev.backend_of(a)[0] == "mux"), None)  # fmt: skip
+            if mux is None or "mux" in monitor:
+                continue
+            base_id = chardev.backend_of(mux)[1].get("chardev")
+            base = next(a for k, a in resources if k is Kind.CHARDEV and a.get("id") == base_id)
+            resources.remove((Kind.CHARDEV, mux))
+            base["id"] = chardev_id
+            monitor["mux"] = True
+
     def finish(self) -> Options:
         opts = self.options
+        if self.nographic:
+            self.nographic_defaults()
+        self.shared_monitors(self.resources)
+        if self.options.daemonize and any(
+            k is Kind.CHARDEV and chardev.backend_of(a)[0] == "stdio" for k, a in self.resources
+        ):
+            self.fail("cannot use stdio with -daemonize")
         resources = self.resources + self.drive_devices + self.json_devices
         for chardev_id in self.monitors:
             found = [a for k, a in resources if k is Kind.CHARDEV and a.get("id") == chardev_id]
@@ -666,7 +730,6 @@ _REFUSED = {
     "-trace": "engine debugging options are not offered",
     "-dump-vmstate": "engine debugging options are not offered",
     "-xen-domid": "Xen is not an engine qmpvm drives",
-    "-echr": "HMP monitors are not offered",
     "-qmp-pretty": "pretty-printed QMP is not offered; use -qmp",
     "-xen-attach": "Xen is not an engine qmpvm drives",
     "-xen-domid-restrict": "Xen is not an engine qmpvm drives",
@@ -684,8 +747,10 @@ OPTIONS: dict[str, Option] = {
     "-qmp": Option(
         T.qmp, True, "unix:PATH,server=on,wait=off | tcp:HOST:PORT[,tls-creds=ID[,tls-authz=ID]]"
     ),
-    "-mon": Option(T.mon, True, "chardev=ID,mode=control: a QMP monitor on socket chardev ID"),
-    "-monitor": Option(T.monitor, True, "none (HMP monitors are not offered)"),
+    "-mon": Option(
+        T.mon, True, "chardev=ID[,mode=control|readline]: a QMP or HMP monitor on chardev ID"
+    ),
+    "-monitor": Option(T.monitor, True, "stdio|unix:P,server=on|...|none: an HMP monitor"),
     "-S": Option(T.start_mode, False, "create the machine, do not start it"),
     "-preconfig": Option(T.start_mode, False, "do not create the machine until machine-init"),
     "-state-dir": Option(
@@ -724,7 +789,8 @@ OPTIONS: dict[str, Option] = {
     "-no-acpi": Option(T.machine_property, False, "-machine acpi=off"),
     "-no-hpet": Option(T.machine_property, False, "-machine hpet=off"),
     "-usb": Option(T.machine_property, False, "-machine usb=on"),
-    "-nographic": Option(T.display_none, False, "-display none"),
+    "-nographic": Option(T.nographic_, False, "-display none; -serial mon:stdio by default"),
+    "-echr": Option(T.escape_char, True, "N: the mux's escape key (default 1, Ctrl-A)"),
     "-kernel": Option(T.boot_source, True, "FILE"),
     "-initrd": Option(T.boot_source, True, "FILE"),
     "-append": Option(T.boot_source, True, "CMDLINE"),

@@ -7,8 +7,10 @@ dispatcher relays them, checked against the engine's schema.
 from __future__ import annotations
 
 import re
+import typing
 
 from qmpvm.commands.common import REGISTRY
+from qmpvm.commands.consoles import query_chardev
 from qmpvm.config.programs import programs
 from qmpvm.errors import ConfigError
 from qmpvm.monitor.dispatch import AFTER_INIT, ENGINE_ARGS, Call
@@ -61,6 +63,9 @@ async def human_monitor_command(call: Call) -> object:
                 "HMP 'migrate' to an exec: URI would run a shell command on the host; "
                 "qmpvm runs host programs only when started with --allow-host-programs"
             )
+    if line.split() == ["info", "chardev"]:  # what the user asked for, not the engine's pipes
+        found = typing.cast(list[dict[str, object]], await query_chardev(call))
+        return "".join(f"{c['label']}: filename={c['filename']}\r\n" for c in found)
     return await call.vmm.forward("human-monitor-command", call.args)
 
 

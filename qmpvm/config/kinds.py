@@ -165,6 +165,7 @@ SETTING_REFERENCES: Mapping[str, tuple[Kind, ...]] = {
     "serial": (Kind.CHARDEV,),
     "parallel": (Kind.CHARDEV,),
     "debugcon": (Kind.CHARDEV,),
+    "monitors.chardev": (Kind.CHARDEV,),
 }
 """Machine settings that name resources (``serial`` as ``chardev:ID``)."""
 

@@ -100,6 +100,11 @@ SETTINGS: Mapping[str, Setting] = {
                     'it as qmpvm\'s user, {"root": false} lets it see the host\'s files'),
         Setting(name="limits", shape="object", option=None,
                 doc="the engine's cgroup limits: memory (bytes), pids, cpu (CPUs)"),
+        Setting(name="monitors", shape="objects", option=None,
+                doc='HMP monitors qmpvm serves on its consoles: {"chardev": ID, "mux": '
+                    'true} shares the console with the guest (-serial mon:stdio)'),
+        Setting(name="escape-char", shape="int", option=None, default=1,
+                doc="-echr: the key (a character code) that starts a mux command; Ctrl-A"),
         Setting(name="icount", shape="object", option="-icount", group="icount",
                 implied="shift"),
         Setting(name="fw-cfg", shape="objects", option="-fw_cfg", group="fw_cfg"),
@@ -219,6 +224,10 @@ def check_setting(name: str, value: object) -> object:
     _check_range(name, value)
     if name == "limits":
         _check_limits(as_object(value))
+    if name == "monitors":
+        _check_monitors(items)
+    if name == "escape-char" and isinstance(value, int) and not 0 <= value < 128:
+        raise ArgumentError("Parameter 'escape-char' must be a character code below 128")
     if name == "confine":
         for part, on in as_object(value).items():
             if part not in CONFINEMENT_SWITCHES:
@@ -234,6 +243,19 @@ CONFINEMENT_SWITCHES = frozenset({"seccomp", "cgroup", "user", "root"})
 """The parts of the engine's confinement ``machine-set {"confine": ...}`` turns off."""
 LIMITS = {"memory": "integer", "pids": "integer", "cpu": "number"}
 """The engine's cgroup limits: bytes, tasks, CPUs (``qmpvm.engine.cgroup`` writes them)."""
+
+
+def _check_monitors(monitors: list[object]) -> None:
+    for index, monitor in enumerate(monitors):
+        where = f"monitors[{index}]"
+        members = as_object(monitor)
+        if not isinstance(members.get("chardev"), str):
+            raise ArgumentError(f"Parameter '{where}.chardev' is missing or not a string")
+        if not isinstance(members.get("mux", False), bool):
+            raise ArgumentError(f"Invalid parameter type for '{where}.mux', expected: boolean")
+        unknown = set(members) - {"chardev", "mux"}
+        if unknown:
+            raise ArgumentError(f"Parameter '{where}.{min(unknown)}' is unexpected")
 
 
 def _check_limits(limits: Mapping[str, object]) -> None:

@@ -24,7 +24,13 @@ import typing
 from collections.abc import Iterable, Mapping, Sequence
 
 from qmpvm.config.chardev import COMMON, backend_of
-from qmpvm.errors import ArgumentError
+from qmpvm.config.machine import as_object
+from qmpvm.config.resource import Kind
+from qmpvm.errors import ArgumentError, ConfigError
+from qmpvm.host.hmp import ESCAPE_DEFAULT, MonitorSpec
+
+if typing.TYPE_CHECKING:
+    from qmpvm.config.model import Config
 
 RING_DEFAULT = 65536
 _ENGINE_ONLY_SOCKET = ("telnet", "tn3270", "websocket", "tls-creds", "tls-authz", "reconnect")
@@ -46,6 +52,31 @@ def owns(args: Mapping[str, object]) -> bool:
     if kind == "unix":
         return not where.get("abstract")
     return kind == "inet" and not any(k in where for k in ("to", "ipv4", "ipv6"))
+
+
+def monitor_specs(config: Config) -> dict[str, MonitorSpec]:
+    """The HMP monitors the machine setting ``monitors`` puts on consoles, by
+    chardev id; ConfigError for one on a chardev that is missing, that qmpvm
+    does not serve, or that takes no input."""
+    escape = config.machine.get("escape-char")
+    specs: dict[str, MonitorSpec] = {}
+    for item in typing.cast(list[object], config.machine.get("monitors") or []):
+        monitor = as_object(item)
+        chardev_id = str(monitor.get("chardev"))
+        resource = config.find(Kind.CHARDEV, chardev_id)
+        if resource is None:
+            raise ConfigError(f"HMP monitor: chardev '{chardev_id}' not found")
+        backend, _data = backend_of(resource.args)
+        if not owns(resource.args) or backend not in ("stdio", "socket"):
+            raise ConfigError(
+                f"HMP monitor on chardev '{chardev_id}': qmpvm serves HMP monitors on "
+                f"its own stdio and listening sockets, not on '{filename(resource.args, [])}'"
+            )
+        specs[chardev_id] = MonitorSpec(
+            mux=monitor.get("mux") is True,
+            escape=escape if isinstance(escape, int) else ESCAPE_DEFAULT,
+        )
+    return specs
 
 
 def socket_address(data: Mapping[str, object]) -> tuple[object, Mapping[str, object]]:

@@ -34,7 +34,15 @@ from qmpvm.config.resource import Kind
 from qmpvm.errors import EngineError
 from qmpvm.fds import FdRegistry
 from qmpvm.host.console_output import ConsoleLog, History, Ring
-from qmpvm.host.console_wiring import filename, owns, ring_size, socket_address, stem
+from qmpvm.host.console_wiring import (
+    filename,
+    monitor_specs,
+    owns,
+    ring_size,
+    socket_address,
+    stem,
+)
+from qmpvm.host.hmp import Execute, Keyboard, MonitorSpec
 from qmpvm.monitor.early import bind_unix
 
 log = logging.getLogger(__name__)
@@ -75,6 +83,20 @@ class Console:
         self._bound: tuple[int, int] | None = None  # our socket file's (device, inode)
         self._file: int | None = None
         self._terminal: _Terminal | None = None
+        self.monitor: MonitorSpec | None = None  # an HMP monitor on it (set before opening)
+        self.execute: Execute | None = None  # how that monitor runs commands
+
+    def keyboard(self, show: typing.Callable[[bytes], None]) -> Keyboard | None:
+        """A source's keys, when a monitor is on the console (``show``: that
+        source's output); None: they all go to the guest."""
+        if self.monitor is None or self.execute is None:
+            return None
+        keyboard = Keyboard(
+            self.monitor, chardev=self.id, to_guest=self.write_input, show=show,
+            execute=self.execute,
+        )  # fmt: skip
+        keyboard.start()
+        return keyboard
 
     def _unread_ring(self) -> bytes:
         """A ringbuf's buffer as the log left it: what was printed since the last read."""
@@ -296,6 +318,7 @@ class _Terminal:
         self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._waiting = 0  # bytes queued, not yet written
         self._lock = threading.Lock()
+        self._keyboard = console.keyboard(self.send)
         self._saved: list[Any] | None = None
         self._reading = False
         self._writer = threading.Thread(target=self._write, name="stdio-console", daemon=True)
@@ -331,7 +354,10 @@ class _Terminal:
         if not data:
             self._pause()  # for good: stdin ended
             return
-        self._console.write_input(data)
+        if self._keyboard is not None:
+            self._keyboard.feed(data)
+        else:
+            self._console.write_input(data)
         if len(self._console._pending) >= INPUT_PENDING:
             self._pause()  # until the guest takes it (``Console._flush_input``)
 
@@ -355,7 +381,10 @@ class _Terminal:
 
     def close(self) -> None:
         self._pause()
+        if self._keyboard is not None:
+            self._keyboard.close()
         self._queue.put(None)
+        self._writer.join(timeout=1.0)  # what is still queued, before qmpvm exits
         if self._saved is not None:
             with contextlib.suppress(termios.error):
                 termios.tcsetattr(0, termios.TCSADRAIN, self._saved)
@@ -368,6 +397,7 @@ class _Peer(asyncio.Protocol):
         self.console = console
         self.transport: asyncio.Transport = typing.cast(asyncio.Transport, None)
         self.name = ""
+        self._keyboard: Keyboard | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = typing.cast(asyncio.Transport, transport)
@@ -380,11 +410,17 @@ class _Peer(asyncio.Protocol):
         self.console._peers.append(self)
         if len(self.console._pending) >= INPUT_PENDING:
             self.transport.pause_reading()
+        self._keyboard = self.console.keyboard(self.send)
 
     def data_received(self, data: bytes) -> None:
-        self.console.write_input(data)
+        if self._keyboard is not None:
+            self._keyboard.feed(data)
+        else:
+            self.console.write_input(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._keyboard is not None:
+            self._keyboard.close()
         with contextlib.suppress(ValueError):
             self.console._peers.remove(self)
 
@@ -408,6 +444,7 @@ class Consoles:
         self._fds = fds
         self.fifo_dir: Path | None = None
         self.by_id: dict[str, Console] = {}
+        self.execute: Execute | None = None  # how their HMP monitors run commands
 
     def directory(self) -> Path:
         """The FIFO directory, made on first use."""
@@ -451,12 +488,14 @@ class Consoles:
         or (``taken_over``: its FIFO directory) one an earlier qmpvm left.  A
         console that cannot be opened fails the start, with the others closed
         again; one an engine taken over has lost is left closed, with a warning."""
+        monitors = monitor_specs(config)
         if taken_over is not None:
             self.fifo_dir = taken_over
         owned = [r.args for r in config.of_kind(Kind.CHARDEV) if owns(r.args)]
         opened: list[Console] = []
         for args in owned:
             console = self._for(args)
+            console.monitor, console.execute = monitors.get(console.id), self.execute
             try:
                 await console.open(self.directory(), existing=taken_over is not None)
             except EngineError as err:

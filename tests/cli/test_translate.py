@@ -211,6 +211,72 @@ def test_listeners_and_monitors() -> None:
     assert by_name(options.commands, "chardev-add") == []  # monitors are qmpvm's, not the guest's
 
 
+def machine_set(cmds: list[dict[str, object]]) -> dict[str, object]:
+    return by_name(cmds, "machine-set")[0]
+
+
+def chardevs(cmds: list[dict[str, object]]) -> dict[str, object]:
+    """Each chardev-add's id -> its backend's type."""
+    return {str(a["id"]): a["backend"]["type"] for a in by_name(cmds, "chardev-add")}  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("argv", "serial", "monitors", "backends"),
+    [
+        # QEMU: the serial port on stdio, the monitor multiplexed on it
+        ([], ["chardev:serial0"], [{"chardev": "serial0", "mux": True}],
+         {"serial0": "stdio", "parallel0": "null"}),
+        # a monitor given (-qmp, -mon, -monitor): the serial port alone on stdio
+        (["-qmp", "unix:/tmp/q,server=on,wait=off"], ["chardev:serial0"], None,
+         {"serial0": "stdio", "parallel0": "null"}),
+        # the serial port elsewhere: the monitor alone on stdio
+        (["-serial", "unix:/tmp/s,server=on,wait=off"], ["chardev:serial0"],
+         [{"chardev": "compat_monitor0"}],
+         {"serial0": "socket", "compat_monitor0": "stdio", "parallel0": "null"}),
+        # no defaults: nothing added
+        (["-nodefaults"], None, None, {}),
+    ],
+)  # fmt: skip
+def test_nographic_puts_the_serial_port_and_monitor_on_stdio(
+    argv: list[str], serial: object, monitors: object, backends: dict[str, object]
+) -> None:
+    cmds = commands("-nographic", *argv, "--preconfig")
+    settings = machine_set(cmds)
+    assert settings["display"] == {"type": "none"}
+    assert settings.get("serial") == serial
+    assert settings.get("monitors") == monitors
+    assert chardevs(cmds) == backends
+
+
+def test_hmp_monitors_are_served_on_consoles() -> None:
+    cmds = commands(
+        "-serial", "mon:unix:/tmp/s,server=on,wait=off", "-monitor", "stdio", "-echr", "0x14",
+        "-chardev", "socket,id=h,path=/tmp/h,server=on,wait=off", "-mon", "chardev=h",
+        "--preconfig",
+    )  # fmt: skip
+    settings = machine_set(cmds)
+    assert settings["monitors"] == [
+        {"chardev": "serial0", "mux": True},
+        {"chardev": "compat_monitor0"},
+        {"chardev": "h"},
+    ]
+    assert settings["escape-char"] == 0x14
+    assert chardevs(cmds) == {"serial0": "socket", "compat_monitor0": "stdio", "h": "socket"}
+
+
+def test_a_readline_monitor_on_a_mux_chardev_shares_one_console() -> None:
+    """QEMU's pair (``c-base`` on stdio, the mux ``c``) becomes one console
+    ``c`` that qmpvm multiplexes; a mux with no monitor stays the engine's."""
+    shared = commands(
+        "-chardev", "stdio,mux=on,id=c", "-serial", "chardev:c", "-mon", "chardev=c,mode=readline",
+        "--preconfig",
+    )  # fmt: skip
+    assert chardevs(shared) == {"c": "stdio"}
+    assert machine_set(shared)["monitors"] == [{"chardev": "c", "mux": True}]
+    alone = commands("-chardev", "null,mux=on,id=c", "-serial", "chardev:c", "--preconfig")
+    assert chardevs(alone) == {"c-base": "null", "c": "mux"}
+
+
 def test_json_options_pass_through() -> None:
     cmds = commands("-device", '{"driver": "virtio-rng-pci", "id": "rng0"}', "--preconfig")
     assert by_name(cmds, "device_add") == [{"driver": "virtio-rng-pci", "id": "rng0"}]
@@ -225,8 +291,9 @@ def test_json_options_pass_through() -> None:
         (["-initrd", "/i"], "need -kernel"),
         (["-qmp", "stdio"], "expected unix:PATH"),
         (["-qmp", "unix:/s,server=on,wait=on"], "never waits"),
-        (["-monitor", "stdio"], "HMP monitors are not offered"),
-        (["-serial", "mon:stdio"], "HMP monitors are not offered"),
+        (["-mon", "chardev=x,mode=bogus"], "expected 'readline' or 'control'"),
+        (["-nographic", "-daemonize"], "-nographic cannot be used with -daemonize"),
+        (["-serial", "stdio", "-daemonize"], "cannot use stdio with -daemonize"),
         (["-mon", "chardev=x,mode=control"], "chardev 'x' not found"),
         (["-runas", "nobody"], "-runas: not supported"),
         (["-chardev", "socket,id=s"], "'path', 'host'/'port' or 'fd' is required"),
@@ -243,7 +310,7 @@ def test_bad_options_are_refused(argv: list[str], message: str) -> None:
 SAMPLES: dict[str, str | None] = {
     "-qmp": "unix:/tmp/MARK,server=on,wait=off",
     "-mon": None,  # tested with its chardev in test_listeners_and_monitors
-    "-monitor": None,  # only 'none', which asks for nothing
+    "-monitor": "unix:/tmp/MARK,server=on,wait=off", "-echr": "17",
     "-S": None, "-preconfig": None, "-print-qmp": None, "-v": None, "-verbose": None,
     "-daemonize": None, "-nodefaults": None, "-no-user-config": None,
     "-allow-host-programs": None, "-allow-insecure-tcp": None,

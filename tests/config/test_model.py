@@ -106,6 +106,7 @@ def test_export_diff_lists_only_what_differs_from_defaults() -> None:
         "memory": 256 << 20,
         "cpus": 1,
         "hotplug-ports": 4,
+        "escape-char": 1,
         "defaults": False,
     }
     assert Config().export() == []

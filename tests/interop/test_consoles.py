@@ -192,3 +192,85 @@ async def test_a_stdio_console_is_qmpvms_own_standard_io(tmp_path: Path, guest: 
     assert "STDIO-20" in history["data"]
     await quit_and_disconnect(client)
     assert await asyncio.wait_for(qmpvm.wait(), 30) == 0
+
+
+async def test_nographic_shares_stdio_between_the_guest_and_a_monitor(
+    tmp_path: Path, guest: GuestImage
+) -> None:
+    """QEMU's ``-nographic``: the serial port on stdio with an HMP monitor
+    multiplexed on it; Ctrl-A c switches between them, Ctrl-A x quits."""
+    argv = [
+        sys.executable, "-m", "qmpvm", "-nographic", "-machine", "q35", "-accel", "tcg",
+        "-m", "256", "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
+        "-append", guest_cmdline("q35"),
+    ]  # fmt: skip
+    with (tmp_path / "qmpvm.log").open("wb") as log:
+        qmpvm = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=log
+        )
+    assert qmpvm.stdin is not None and qmpvm.stdout is not None
+    seen = bytearray()
+
+    async def typed(keys: bytes, answer: bytes) -> None:
+        qmpvm.stdin.write(keys)  # type: ignore[union-attr]
+        await read_until(qmpvm, answer, seen)
+        del seen[: seen.index(answer) + len(answer)]
+
+    await read_until(qmpvm, READY_MARKER.encode(), seen)
+    await typed(b"echo GUEST-$((4 * 5))\n", b"GUEST-20")
+    await typed(b"\x01c", b"monitor - type 'help' for more information\r\n(qemu) ")
+    await typed(b"info status\r", b"VM status: running\r\n(qemu) ")
+    await typed(b"info chardev\r", b"serial0: filename=stdio\r\n")  # the user's, not a pipe
+    await typed(b"device_add e1000\r", b"HMP command 'device_add' is not relayed")
+    await typed(b"stop\rinfo status\r", b"VM status: paused")
+    await typed(b"cont\r\x01cecho BACK-$((6 * 7))\n", b"BACK-42")
+    qmpvm.stdin.write(b"\x01x")
+    assert await asyncio.wait_for(qmpvm.wait(), 30) == 0
+    assert b"QEMU: Terminated" in seen + await qmpvm.stdout.read()
+
+
+async def test_hmp_monitors_on_sockets_give_each_client_its_own(
+    tmp_path: Path, guest: GuestImage
+) -> None:
+    """``-serial mon:unix:...`` and ``-monitor unix:...``: every client of
+    either socket has its own monitor line and output; the guest's output
+    reaches every client of the serial socket."""
+    serial, monitor = tmp_path / "serial.sock", tmp_path / "monitor.sock"
+    proc = start_qmpvm(
+        tmp_path, "-machine", "q35", "-accel", "tcg", "-m", "256", "-nodefaults",
+        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
+        "-append", guest_cmdline("q35"),
+        "-serial", f"mon:unix:{serial},server=on,wait=off",
+        "-monitor", f"unix:{monitor},server=on,wait=off", "-S",
+    )  # fmt: skip
+    client = await connect(proc)
+    watching = await SocketConsole.connect(str(serial))
+    typist = await SocketConsole.connect(str(serial))
+    typist.interactive = False  # one answer to the shell's terminal query is enough
+    await client.execute("cont")
+    await watching.expect(READY_MARKER, BOOT_TIMEOUT)
+    await typist.expect(READY_MARKER, BOOT_TIMEOUT)
+
+    await typist.write("\x01c")
+    await typist.expect("(qemu) ")
+    await typist.write("info status\r")
+    await typist.expect("VM status: running")
+    await typist.write("\x01cecho SHARED-$((2 * 3))\n")  # back to the guest
+    await watching.expect("SHARED-6")
+    assert "VM status" not in watching.transcript, "monitor output is its client's own"
+
+    first, second = [await SocketConsole.connect(str(monitor)) for _ in range(2)]
+    for console in (first, second):
+        await console.expect("monitor - type 'help' for more information\r\n(qemu) ")
+    await first.write("info name\rinfo status\r")
+    await first.expect("VM status: running\r\n(qemu) ")
+    await second.write("stop\r")
+    await second.expect("(qemu) ")
+    assert (await client.execute("query-status"))["status"] == "paused"
+    assert "info name" not in second.transcript and "stop" not in first.transcript
+    settings = (await client.execute("query-machine"))["machine"]
+    assert settings["monitors"] == [{"chardev": "serial0", "mux": True},
+                                    {"chardev": "compat_monitor0"}]  # fmt: skip
+    for console in (watching, typist, first, second):
+        await console.close()
+    await quit_and_disconnect(client)
