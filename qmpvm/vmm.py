@@ -222,6 +222,10 @@ class Vmm:
                 on_event=self.relay,
                 on_exit=self._engine_exited,
             )
+            if self.settings.state_dir is not None:  # the engine may outlive qmpvm
+                from qmpvm.host.parking import Parking
+
+                await self.consoles.start_parking(Parking(self.machine))
         except BaseException:
             self.consoles.close_all(remove=True)
             raise
@@ -255,7 +259,12 @@ class Vmm:
                 log.warning("%s", self.last_exit["reason"])
             return False
         self.machine = machine
-        await self.consoles.open_all(self.config, taken_over=machine.consoles_dir)
+        from qmpvm.host.parking import Parking
+
+        parking = Parking(machine)
+        parked = parking.take_back()
+        await self.consoles.open_all(self.config, taken_over=machine.consoles_dir, parked=parked)
+        await self.consoles.start_parking(parking)
         await self._take_back_fdsets(machine)
         await _find_port_users(machine)
         log.info("took over the engine (pid %d) left running in %s", machine.pid, state_dir)

@@ -14,17 +14,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
-import queue
+import re
 import shutil
 import socket
 import tempfile
-import termios
-import threading
-import tty
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind
 from qmpvm.errors import EngineError
 from qmpvm.fds import FdRegistry
+from qmpvm.host.console_clients import Listener, Peer, Terminal
 from qmpvm.host.console_output import ConsoleLog, History, Ring
 from qmpvm.host.console_wiring import (
     filename,
@@ -43,15 +42,13 @@ from qmpvm.host.console_wiring import (
     stem,
 )
 from qmpvm.host.hmp import Execute, Keyboard, MonitorSpec
+from qmpvm.host.parking import Parking, park_name
 from qmpvm.monitor.early import bind_unix
 
 log = logging.getLogger(__name__)
 
 PIPE_SIZE = 1024 * 1024
 """The FIFOs' capacity: the guest's output while no qmpvm reads (a restart)."""
-CLIENT_LAG = 1024 * 1024
-"""A client with this much output unread is dropped, so one that does not
-read can neither hold the guest back nor grow qmpvm's memory."""
 INPUT_PENDING = 64 * 1024
 """Input the guest has not taken yet; beyond this, clients' input waits."""
 READ_CHUNK = 65536
@@ -78,13 +75,15 @@ class Console:
         self._out: int | None = None
         self._in: int | None = None
         self._pending = bytearray()
-        self._peers: list[_Peer] = []
-        self._server: asyncio.AbstractServer | None = None
+        self.peers: list[Peer] = []
+        self._listeners: list[Listener] = []
         self._bound: tuple[int, int] | None = None  # our socket file's (device, inode)
         self._file: int | None = None
-        self._terminal: _Terminal | None = None
+        self._terminal: Terminal | None = None
         self.monitor: MonitorSpec | None = None  # an HMP monitor on it (set before opening)
         self.execute: Execute | None = None  # how that monitor runs commands
+        self.parking: Parking | None = None  # while its host side is parked in an engine
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def keyboard(self, show: typing.Callable[[bytes], None]) -> Keyboard | None:
         """A source's keys, when a monitor is on the console (``show``: that
@@ -109,14 +108,22 @@ class Console:
         return self._out is not None
 
     def filename(self) -> str:
-        return filename(self.args, [peer.name for peer in self._peers])
+        return filename(self.args, [peer.name for peer in self.peers])
+
+    @property
+    def input_full(self) -> bool:
+        """Input waits for the guest: clients are not read until it drains."""
+        return len(self._pending) >= INPUT_PENDING
 
     # -- opening and closing, per engine ---------------------------------
 
-    async def open(self, directory: Path, *, existing: bool = False) -> None:
+    async def open(
+        self, directory: Path, *, existing: bool = False, parked: list[socket.socket] | None = None
+    ) -> None:
         """Make the FIFOs in ``directory`` (``existing``: find those an engine
-        taken over has open) and start serving.  EngineError, with nothing
-        left open, if the host refuses a path."""
+        taken over has open, and serve on the sockets it kept, ``parked``) and
+        start serving.  EngineError, with nothing left open, if the host
+        refuses a path."""
         self.fifo_stem = path = str(directory / stem(self.id))
         try:
             if not existing:
@@ -133,7 +140,7 @@ class Console:
                 with contextlib.suppress(OSError):  # a smaller pipe only holds less
                     fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             path = self.host_path()
-            await self._serve(existing=existing)
+            await self._serve(existing=existing, parked=parked or [])
         except (OSError, ValueError) as err:
             if not existing or self._out is None:
                 self.close(remove=not existing)
@@ -158,27 +165,46 @@ class Console:
             return str(where["path"])
         return f"{where.get('host', '')}:{where.get('port')}"
 
-    async def _serve(self, *, existing: bool) -> None:
+    async def _serve(self, *, existing: bool, parked: list[socket.socket]) -> None:
         """Open the backend's host side (``existing``: again, for an engine
-        taken over: a file console appends, as its engine never stopped)."""
-        loop = asyncio.get_running_loop()
+        taken over: a file console appends, as its engine never stopped; a
+        socket serves on the listener and clients it kept, ``parked``)."""
+        listeners = [s for s in parked if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)]
+        if self.backend == "socket" and listeners:
+            if listeners[0].family == socket.AF_UNIX:
+                found = os.stat(self.host_path())
+                self._bound = (found.st_dev, found.st_ino)
+            for listening in listeners:
+                self._listeners.append(Listener(self, listening, park_name(listening.fileno())))
+            loop = asyncio.get_running_loop()
+            for client in parked:  # each a peer before the FIFO is read: it misses nothing
+                if client not in listeners:
+                    peer = functools.partial(Peer, self, park_name(client.fileno()))
+                    await _connected(loop.connect_accepted_socket(peer, sock=client))
+            return
         if self.backend == "file":
             mode = os.O_APPEND if self.data.get("append") or existing else os.O_TRUNC
             flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | mode
             self._file = self._fds.open(self.host_path(), flags)
         elif self.backend == "stdio":
-            self._terminal = _Terminal(self, signals=self.data.get("signal", True) is not False)
+            self._terminal = Terminal(self, signals=self.data.get("signal", True) is not False)
         elif self.backend == "socket" and socket_address(self.data)[0] == "unix":
             path = self.host_path()
             raw = bind_unix(path)
             listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=raw.detach())
             found = os.stat(path)
             self._bound = (found.st_dev, found.st_ino)
-            self._server = await loop.create_unix_server(lambda: _Peer(self), sock=listening)
+            self._listeners.append(Listener(self, listening))
         elif self.backend == "socket":
             _kind, where = socket_address(self.data)
-            host, port = str(where.get("host", "")) or None, int(str(where["port"]))
-            self._server = await loop.create_server(lambda: _Peer(self), host, port)
+            for listening in _listen_inet(str(where.get("host", "")), int(str(where["port"]))):
+                self._listeners.append(Listener(self, listening))
+
+    def adopt(self, conn: socket.socket, parked: str | None = None) -> None:
+        """A client accepted (``parked``: one an engine taken over kept)."""
+        loop = asyncio.get_running_loop()
+        peer = functools.partial(Peer, self, parked)
+        self.spawn(_connected(loop.connect_accepted_socket(peer, sock=conn)))
 
     def give_to(self, uid: int, gid: int) -> None:
         """Make the FIFOs the engine's user's, for an engine that is not root."""
@@ -187,7 +213,13 @@ class Console:
 
     def close(self, *, remove: bool) -> None:
         """Stop serving: clients go, the socket file too (if it is still ours);
-        ``remove``: the FIFOs as well (no engine has them any more)."""
+        ``remove``: the FIFOs as well (no engine has them any more).  Without
+        ``remove`` the engine lives on, and what is parked there stays, for
+        the next qmpvm: its clients see no change, its socket file stays."""
+        parking, self.parking = self.parking, None
+        if parking is not None and remove:  # the engine lives on without this console
+            for name in self._parked_names():
+                self.spawn(parking.unpark(name))
         loop = asyncio.get_running_loop()
         for fd in (self._out, self._in):
             if fd is not None:
@@ -196,15 +228,16 @@ class Console:
                 os.close(fd)
         self._out = self._in = None
         self._pending.clear()
-        for peer in list(self._peers):
+        for peer in list(self.peers):
             peer.transport.abort()
-        self._peers.clear()
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        if self._bound is not None:
+        self.peers.clear()
+        kept = any(listener.parked for listener in self._listeners)
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
+        if self._bound is not None and (remove or not kept):
             _unlink_if_ours(self.host_path(), self._bound)
-            self._bound = None
+        self._bound = None
         if self._file is not None:
             os.close(self._file)
             self._file = None
@@ -217,6 +250,43 @@ class Console:
             for suffix in (".in", ".out"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.fifo_stem + suffix)
+
+    # -- parking in the engine -------------------------------------------
+
+    async def park_all(self, parking: Parking) -> None:
+        """Park the host side in the engine (``qmpvm.host.parking``): the
+        listener and the clients not parked yet; new clients as they come."""
+        self.parking = parking
+        for holder in self._holders():
+            if holder.parked is None:
+                await holder.park(parking)
+
+    def _holders(self) -> list[Listener | Peer]:
+        """What of this console can be parked."""
+        return [*self._listeners, *self.peers]
+
+    def _parked_names(self) -> list[str]:
+        return [h.parked for h in self._holders() if h.parked is not None]
+
+    def takes(self, found: socket.socket) -> bool:
+        """Whether a socket an engine taken over kept is this console's: its
+        listener or a client of it, bound to this console's address."""
+        if self.backend != "socket":
+            return False
+        kind, where = socket_address(self.data)
+        with contextlib.suppress(OSError):
+            name = found.getsockname()
+            if kind == "unix" and found.family == socket.AF_UNIX:
+                path = str(where.get("path"))  # bound as PATH.PID.tmp, then renamed
+                return bool(name == path or re.fullmatch(re.escape(path) + r"\.\d+\.tmp", name))
+            if kind == "inet" and found.family in (socket.AF_INET, socket.AF_INET6):
+                return str(name[1]) == str(where.get("port"))
+        return False
+
+    def spawn(self, work: typing.Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def drain(self) -> None:
         """Take what the engine wrote and nobody read yet (it is gone now)."""
@@ -256,7 +326,7 @@ class Console:
                 os.write(self._file, chunk)
             except OSError as err:
                 log.warning("console %s: writing its file failed: %s", self.id, err)
-        for peer in list(self._peers):
+        for peer in list(self.peers):
             peer.send(chunk)
 
     def read_ring(self, size: int) -> bytes:
@@ -286,7 +356,7 @@ class Console:
             asyncio.get_running_loop().add_writer(self._in, self._flush_input)
         self._pending += data
         if len(self._pending) >= INPUT_PENDING:
-            for peer in self._peers:
+            for peer in self.peers:
                 peer.transport.pause_reading()
 
     def _flush_input(self) -> None:
@@ -300,137 +370,10 @@ class Console:
         del self._pending[:written]
         if not self._pending:
             asyncio.get_running_loop().remove_writer(self._in)
-            for peer in self._peers:
+            for peer in self.peers:
                 peer.transport.resume_reading()
             if self._terminal is not None:
                 self._terminal.resume()
-
-
-class _Terminal:
-    """qmpvm's own standard I/O as a console (``stdio``): output written by a
-    thread, so that a stdout nobody reads holds back neither qmpvm nor the
-    guest (beyond ``CLIENT_LAG`` waiting, output is dropped); input read from
-    stdin, a terminal put in raw mode (Ctrl-C still signals qmpvm unless
-    ``signal`` is off, as in QEMU) and restored on close."""
-
-    def __init__(self, console: Console, *, signals: bool) -> None:
-        self._console = console
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._waiting = 0  # bytes queued, not yet written
-        self._lock = threading.Lock()
-        self._keyboard = console.keyboard(self.send)
-        self._saved: list[Any] | None = None
-        self._reading = False
-        self._writer = threading.Thread(target=self._write, name="stdio-console", daemon=True)
-        self._writer.start()
-        if os.isatty(0):
-            self._saved = termios.tcgetattr(0)
-            tty.setraw(0, termios.TCSANOW)
-            if signals:
-                raw = termios.tcgetattr(0)
-                raw[3] |= termios.ISIG
-                termios.tcsetattr(0, termios.TCSANOW, raw)
-        self.resume()
-
-    def resume(self) -> None:
-        """Read stdin (again): the guest took the input that waited."""
-        if not self._reading:
-            with contextlib.suppress(OSError):  # /dev/null and files cannot be waited on
-                asyncio.get_running_loop().add_reader(0, self._read)
-                self._reading = True
-
-    def _pause(self) -> None:
-        if self._reading:
-            asyncio.get_running_loop().remove_reader(0)
-            self._reading = False
-
-    def _read(self) -> None:
-        try:
-            data = os.read(0, 4096)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._pause()  # for good: stdin ended
-            return
-        if self._keyboard is not None:
-            self._keyboard.feed(data)
-        else:
-            self._console.write_input(data)
-        if len(self._console._pending) >= INPUT_PENDING:
-            self._pause()  # until the guest takes it (``Console._flush_input``)
-
-    def send(self, chunk: bytes) -> None:
-        with self._lock:
-            if self._waiting + len(chunk) > CLIENT_LAG:
-                return  # stdout is not being read: the guest goes on, this output is lost
-            self._waiting += len(chunk)
-        self._queue.put(chunk)
-
-    def _write(self) -> None:
-        while (chunk := self._queue.get()) is not None:
-            try:
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(1, view) :]
-            except OSError:
-                pass
-            with self._lock:
-                self._waiting -= len(chunk)
-
-    def close(self) -> None:
-        self._pause()
-        if self._keyboard is not None:
-            self._keyboard.close()
-        self._queue.put(None)
-        self._writer.join(timeout=1.0)  # what is still queued, before qmpvm exits
-        if self._saved is not None:
-            with contextlib.suppress(termios.error):
-                termios.tcsetattr(0, termios.TCSADRAIN, self._saved)
-
-
-class _Peer(asyncio.Protocol):
-    """One client of a console's listening socket."""
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.transport: asyncio.Transport = typing.cast(asyncio.Transport, None)
-        self.name = ""
-        self._keyboard: Keyboard | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = typing.cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.name = f"{peer[0]}:{peer[1]}"
-            sock = transport.get_extra_info("socket")
-            if self.console.data.get("nodelay") and sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.console._peers.append(self)
-        if len(self.console._pending) >= INPUT_PENDING:
-            self.transport.pause_reading()
-        self._keyboard = self.console.keyboard(self.send)
-
-    def data_received(self, data: bytes) -> None:
-        if self._keyboard is not None:
-            self._keyboard.feed(data)
-        else:
-            self.console.write_input(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._keyboard is not None:
-            self._keyboard.close()
-        with contextlib.suppress(ValueError):
-            self.console._peers.remove(self)
-
-    def send(self, chunk: bytes) -> None:
-        if self.transport.get_write_buffer_size() > CLIENT_LAG:
-            log.warning("console %s: dropped a client with %d bytes unread",
-                        self.console.id, self.transport.get_write_buffer_size())  # fmt: skip
-            self.transport.abort()
-            return
-        self.transport.write(chunk)
 
 
 class Consoles:
@@ -445,6 +388,7 @@ class Consoles:
         self.fifo_dir: Path | None = None
         self.by_id: dict[str, Console] = {}
         self.execute: Execute | None = None  # how their HMP monitors run commands
+        self.parking: Parking | None = None  # the engine their host sides are parked in
 
     def directory(self) -> Path:
         """The FIFO directory, made on first use."""
@@ -483,21 +427,32 @@ class Consoles:
             found = self.by_id[chardev_id] = Console(args, self._log_dir, self._fds)
         return found
 
-    async def open_all(self, config: Config, *, taken_over: Path | None = None) -> list[Console]:
+    async def open_all(
+        self,
+        config: Config,
+        *,
+        taken_over: Path | None = None,
+        parked: Sequence[int] = (),
+    ) -> list[Console]:
         """Serve every owned chardev of ``config`` for an engine about to start,
-        or (``taken_over``: its FIFO directory) one an earlier qmpvm left.  A
-        console that cannot be opened fails the start, with the others closed
-        again; one an engine taken over has lost is left closed, with a warning."""
+        or (``taken_over``: its FIFO directory; ``parked``: copies of its
+        sockets, some parked there by an earlier qmpvm) one an earlier qmpvm
+        left; the sockets no console takes are closed.  A console
+        that cannot be opened fails the start, with the others closed again;
+        one an engine taken over has lost is left closed, with a warning."""
         monitors = monitor_specs(config)
         if taken_over is not None:
             self.fifo_dir = taken_over
         owned = [r.args for r in config.of_kind(Kind.CHARDEV) if owns(r.args)]
         opened: list[Console] = []
+        unused = [socket.socket(fileno=fd) for fd in parked]
         for args in owned:
             console = self._for(args)
             console.monitor, console.execute = monitors.get(console.id), self.execute
+            mine = [found for found in unused if console.takes(found)]
+            unused = [found for found in unused if found not in mine]
             try:
-                await console.open(self.directory(), existing=taken_over is not None)
+                await console.open(self.directory(), existing=taken_over is not None, parked=mine)
             except EngineError as err:
                 if taken_over is not None:  # its FIFOs are gone: nothing reads the guest's
                     log.warning("%s: the guest's output there is not read", err)
@@ -508,22 +463,38 @@ class Consoles:
                 self.close_all(remove=taken_over is None)
                 raise
             opened.append(console)
+        for found in unused:  # the engine's own, or of consoles gone since
+            found.close()
         return opened
 
     async def open_one(self, args: Mapping[str, object]) -> Console:
         """A chardev hot-plugged, served before the engine gets it."""
         console = self._for(args)
         await console.open(self.directory())
+        if self.parking is not None:
+            await console.park_all(self.parking)
         return console
+
+    async def start_parking(self, parking: Parking) -> None:
+        """Park every open console's host side in the engine (with
+        ``--state-dir``, where the engine may outlive qmpvm)."""
+        self.parking = parking
+        for console in self.by_id.values():
+            if console.is_open:
+                await console.park_all(parking)
 
     def engine_gone(self) -> None:
         """The engine ended: keep what it printed last, close the rest."""
+        self.parking = None
         for console in self.by_id.values():
+            console.parking = None  # gone with the engine
+
             if console.is_open:
                 console.drain()
         self.close_all(remove=True)
 
     def close_all(self, *, remove: bool) -> None:
+        self.parking = None
         for console in self.by_id.values():
             console.close(remove=remove)
 
@@ -553,3 +524,20 @@ def _unlink_if_ours(path: str, bound: tuple[int, int]) -> None:
         found = os.lstat(path)
         if (found.st_dev, found.st_ino) == bound:
             os.unlink(path)
+
+
+def _listen_inet(host: str, port: int) -> list[socket.socket]:
+    """Listening TCP sockets on ``host`` (every address when empty, as QEMU)."""
+    if not host:
+        if socket.has_dualstack_ipv6():
+            return [socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)]
+        return [socket.create_server(("", port))]
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _type, _proto, _name, address = found[0]
+    return [socket.create_server(address[:2], family=family)]
+
+
+async def _connected(connecting: typing.Awaitable[object]) -> None:
+    """A client's connection set up; one that went meanwhile is no error."""
+    with contextlib.suppress(OSError):
+        await connecting

@@ -12,6 +12,7 @@ import pytest
 
 from qmpvm.errors import ArgumentError, EngineError
 from qmpvm.fds import open_nonblocking
+from qmpvm.host import console_clients
 from qmpvm.host import consoles as consoles_module
 from qmpvm.host.console_output import History, Ring
 from qmpvm.host.console_wiring import (
@@ -157,7 +158,7 @@ async def test_a_socket_console_serves_many_clients_both_ways(tmp_path: Path) ->
     try:
         clients = [await asyncio.open_unix_connection(str(path)) for _ in range(3)]
         async with asyncio.timeout(10):
-            while len(console._peers) < 3:
+            while len(console.peers) < 3:
                 await asyncio.sleep(0.01)
         assert console.filename() == f"unix:{path},server=on"
         engine.prints(b"login: ")
@@ -178,7 +179,7 @@ async def test_a_socket_console_serves_many_clients_both_ways(tmp_path: Path) ->
 async def test_a_client_that_does_not_read_is_dropped_and_others_go_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(consoles_module, "CLIENT_LAG", 64 * 1024)
+    monkeypatch.setattr(console_clients, "CLIENT_LAG", 64 * 1024)
     path = tmp_path / "c.sock"
     console = Console(unix_server("ser0", path), None)
     await console.open(tmp_path)
@@ -189,13 +190,13 @@ async def test_a_client_that_does_not_read_is_dropped_and_others_go_on(
     reader, _writer = await asyncio.open_unix_connection(str(path))
     try:
         async with asyncio.timeout(10):
-            while len(console._peers) < 2:
+            while len(console.peers) < 2:
                 await asyncio.sleep(0.01)
         line = b"x" * 1023 + b"\n"
         for _ in range(1024):  # 1 MiB, read by one client only
             engine.prints(line)
             await reader.readexactly(len(line))
-        assert len(console._peers) == 1, "the stalled client was dropped"
+        assert len(console.peers) == 1, "the stalled client was dropped"
         assert len(console.history.tail()) == consoles_module.History().limit
     finally:
         stalled.close()

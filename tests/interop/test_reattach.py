@@ -65,21 +65,22 @@ async def test_kill9_of_qmpvm_never_stops_the_guest(
     tmp_path: Path, guest: GuestImage, state: Path
 ) -> None:
     """qmpvm killed 20 times under a guest printing a counter: each new qmpvm
-    takes the engine over, the console's clients reconnect on the same path,
-    and its history holds every tick, the ones printed while no qmpvm ran too."""
+    takes the engine over; the console's client stays connected through it
+    all and reads every tick, as does the history, the ones printed while no
+    qmpvm ran too; new clients attach on the same path after each restart."""
     console_path = str(tmp_path / "ttyS0.sock")
     proc = start_qmpvm(tmp_path, *guest_options(guest, tmp_path), state_dir=state)
     client = await connect(proc)
     console = await SocketConsole.connect(console_path)
     await console.expect(READY_MARKER, BOOT_TIMEOUT)
     token = await start_ticker(console)
+    await logged(proc, "parked a client of chardev 'ser0'")  # kept in the engine from now on
     engine = (await client.execute("query-machine"))["engine"]["pid"]
     exported = await client.execute("config-export")
     fifos = EngineRecord.load(state).consoles_dir  # type: ignore[union-attr]
     assert fifos is not None and (Path(fifos) / "ser0.out").exists()
     for round_ in range(ROUNDS):
         await drop(client)
-        await console.close()
         proc.process.kill()
         proc.process.wait()
         proc = restart(tmp_path, state, proc)
@@ -88,8 +89,14 @@ async def test_kill9_of_qmpvm_never_stops_the_guest(
         assert (status["status"], status["phase"]) == ("running", "machine-ready"), round_
         assert (await client.execute("query-machine"))["engine"]["pid"] == engine
         assert await client.execute("config-export") == exported
-        console = await SocketConsole.connect(console_path)
-    await console.expect(f"TICK {token} ", 30)  # the last client hears the guest go on
+        late = await SocketConsole.connect(console_path)
+        await late.expect(f"TICK {token} ", 30)
+        await late.close()
+    await console.write("echo TYPED-$((3 * 3))\n")  # input reaches the guest too
+    await console.expect("TYPED-9", 30)
+    seen = [int(n) for n in re.findall(rf"TICK {token} (\d+)", console.transcript)]
+    assert len(seen) > ROUNDS
+    assert seen == list(range(seen[0], seen[0] + len(seen))), "one connection saw every tick"
     # events flow again, from the engine taken over
     await client.execute("stop")
     await next_event(client, "STOP")
@@ -115,6 +122,13 @@ async def test_kill9_of_qmpvm_never_stops_the_guest(
     assert (state / "consoles" / "ser0.log").exists(), "the history stays"
 
 
+async def logged(proc: QmpvmProcess, text: str) -> None:
+    """qmpvm's log (``-v``) says ``text``."""
+    async with asyncio.timeout(30):
+        while text not in proc.stderr():
+            await asyncio.sleep(0.02)
+
+
 def _qmpvm_on(pid: int, state: Path) -> bool:
     try:
         return str(state) in Path(f"/proc/{pid}/cmdline").read_text()
@@ -127,8 +141,11 @@ async def test_leaving_the_machine_running_and_taking_it_back(
 ) -> None:
     proc = start_qmpvm(tmp_path, *guest_options(guest, tmp_path), state_dir=state)
     client = await connect(proc)
+    console = await SocketConsole.connect(str(tmp_path / "ttyS0.sock"))
+    await console.expect(READY_MARKER, BOOT_TIMEOUT)
     engine = (await client.execute("query-machine"))["engine"]["pid"]
     exported = await client.execute("config-export")
+    await logged(proc, "parked a client of chardev 'ser0'")
     # one qmpvm per state directory
     other = subprocess.run(
         [sys.executable, "-m", "qmpvm", "--preconfig", "--state-dir", str(state),
@@ -152,10 +169,13 @@ async def test_leaving_the_machine_running_and_taking_it_back(
     assert "has a running machine" in refused.stderr
     assert identity(engine) is not None
     # taken back; then SIGUSR1 leaves it running too
+    await console.write("echo KEPT-$((5 * 5))\n")  # typed while no qmpvm runs
     proc = restart(tmp_path, state, proc)
     client = await connect(proc)
     assert (await client.execute("query-status"))["status"] == "running"
     assert await client.execute("config-export") == exported
+    await console.expect("KEPT-25", 30)  # the console stayed connected across it
+    await console.close()
     await drop(client)
     proc.process.send_signal(signal.SIGUSR1)
     assert proc.process.wait(15) == 0
