@@ -85,6 +85,8 @@ async def add(call: Call) -> object:
             raise
         if port is not None:  # taken once the device is in; without an id, for good
             engine.port_users[port] = str(key or "(no id)")
+        if console is not None and console.pty_path is not None:
+            return {"pty": console.pty_path}  # QEMU's answer for a pty
         return result
 
     async def undo() -> object:

@@ -1,21 +1,24 @@
 """The clients of a console qmpvm serves: its terminal (``stdio``), its
-listening sockets and their connections.
+listening sockets and their connections, its pty.
 
 Descriptors parked in the engine (``qmpvm.host.parking``) come back from
 QEMU's ``getfd`` blocking: O_NONBLOCK belongs to the open file, which the
 engine shares, and QEMU clears it on every descriptor it receives.  So a
-listener accepts one connection per readiness, and a connection holds its
-output while it is being parked; both are made non-blocking again after.
+listener accepts one connection per readiness, and a connection or a pty
+holds its output while it is being parked; all are made non-blocking again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import queue
+import select
 import socket
+import sys
 import termios
 import threading
 import tty
@@ -232,3 +235,129 @@ class Peer(asyncio.Protocol):
             self._held += chunk
         elif chunk:
             self.transport.write(chunk)
+
+
+class PtyMaster:
+    """A ``pty`` console: qmpvm holds the master, a client opens ``path``.
+
+    As in QEMU, output is dropped while no client has the slave open, which
+    is noticed by polling once a second (a master has no event for a slave
+    opening); output a slow client has not taken waits (``CLIENT_LAG`` at
+    most).  ``fd``: a master an engine taken over kept, ``parked`` its name.
+    """
+
+    POLL = 1.0
+
+    def __init__(self, console: Console, fd: int | None = None, parked: str | None = None) -> None:
+        self.console = console
+        if fd is None:
+            fd, slave = os.openpty()
+            tty.setraw(slave)  # as QEMU: no echo, no line editing, 8 bits
+            os.close(slave)
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.path = pty_path(fd)
+        self.parked = parked
+        self._keyboard = console.keyboard(self.send)
+        self._out = bytearray()
+        self._connected = False
+        self._holding = False  # being parked: nothing is written
+        self._timer: asyncio.TimerHandle | None = None
+        self._check()
+
+    def _check(self) -> None:
+        """Whether a client has the slave open (no hang-up on the master)."""
+        self._timer = None
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        hung_up = any(events & select.POLLHUP for _fd, events in poller.poll(0))
+        loop = asyncio.get_running_loop()
+        if hung_up:
+            self._disconnected()
+        elif not self._connected:
+            self._connected = True
+            loop.add_reader(self.fd, self._read)
+
+    def _disconnected(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._connected:
+            loop.remove_reader(self.fd)
+            loop.remove_writer(self.fd)
+        self._connected = False
+        self._out.clear()
+        self._timer = loop.call_later(self.POLL, self._check)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: the last client closed the slave
+            data = b""
+        if not data:
+            self._disconnected()
+        elif self._keyboard is not None:
+            self._keyboard.feed(data)
+        else:
+            self.console.write_input(data)
+
+    def send(self, chunk: bytes) -> None:
+        if not self._connected:
+            return  # nobody there: QEMU drops it too (the history keeps it)
+        if len(self._out) + len(chunk) > CLIENT_LAG:
+            return  # the client does not read: the guest goes on
+        self._out += chunk
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._holding or not self._out:
+            return
+        try:
+            written = os.write(self.fd, self._out)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            self._disconnected()
+            return
+        del self._out[:written]
+        loop = asyncio.get_running_loop()
+        if self._out:
+            loop.add_writer(self.fd, self._flush)
+        else:
+            loop.remove_writer(self.fd)
+
+    async def park(self, parking: Parking) -> None:
+        """Park the master, so the pty keeps its name across a restart; it
+        is not written while QEMU has made it blocking."""
+        self._holding = True
+        asyncio.get_running_loop().remove_writer(self.fd)
+        try:
+            self.parked = await parking.park(self.fd, f"chardev '{self.console.id}' pty")
+        finally:
+            self._holding = False
+            if self.fd >= 0:
+                os.set_blocking(self.fd, False)
+                self._flush()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._keyboard is not None:
+            self._keyboard.close()
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self.fd)
+        loop.remove_writer(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+
+
+TIOCGPTN = 0x80045430
+"""_IOR('T', 0x30, unsigned int): a master's pty number (Python 3.11's
+termios lacks it; the value is that of every architecture but the few
+with their own ioctl encoding)."""
+
+
+def pty_path(master: int) -> str:
+    """The slave's path of a pty master."""
+    number = fcntl.ioctl(master, TIOCGPTN, b"\0" * 4)
+    return f"/dev/pts/{int.from_bytes(number, sys.byteorder)}"

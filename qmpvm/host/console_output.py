@@ -65,12 +65,14 @@ class Ring:
 class ConsoleLog:
     """``STEM.log`` (with one rotated ``STEM.log.1``) and ``STEM.pos``, which
     says where the rotated part starts and how far a ringbuf was read, as
-    positions in all the output ever printed."""
+    positions in all the output ever printed, and a pty console's path (the
+    next qmpvm finds its master among the engine's by it)."""
 
     def __init__(self, directory: Path, stem: str) -> None:
         self.path = directory / f"{stem}.log"
         self.old = directory / f"{stem}.log.1"
         self.pos_path = directory / f"{stem}.pos"
+        self.pty: str | None = None
         self.base, self.read_to = self._load_positions()
         self._fd: int | None = None
 
@@ -78,6 +80,7 @@ class ConsoleLog:
         try:
             found = json.loads(self.pos_path.read_text())
             read_to = found.get("read")
+            self.pty = str(found["pty"]) if found.get("pty") else None
             return int(found["base"]), int(read_to) if read_to is not None else None
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return 0, None
@@ -115,9 +118,16 @@ class ConsoleLog:
         with contextlib.suppress(OSError):
             self._save_positions()
 
+    def note_pty(self, path: str | None) -> None:
+        if path != self.pty:
+            self.pty = path
+            with contextlib.suppress(OSError):
+                self._save_positions()
+
     def _save_positions(self) -> None:
         temporary = self.pos_path.with_suffix(".pos.new")
-        temporary.write_text(json.dumps({"base": self.base, "read": self.read_to}))
+        saved = {"base": self.base, "read": self.read_to, "pty": self.pty}
+        temporary.write_text(json.dumps(saved))
         os.replace(temporary, self.pos_path)
 
     def close(self) -> None:

@@ -10,9 +10,10 @@ reads on.  The chardev keeps its id, so the devices that name it need no
 change.
 
 Owned: ``ringbuf``/``memory``, ``null``, ``stdio`` (qmpvm's own standard
-I/O), ``file`` without an input file, and listening ``socket``s on a path or
-a TCP port without telnet, websocket, TLS or ``wait``.  The rest (``pty``,
-connecting sockets, ``udp``, ...) keep QEMU's own semantics in the engine.
+I/O), ``pty``, ``file`` without an input file, and listening ``socket``s on
+a path or a TCP port without telnet, websocket, TLS or ``wait``.  qmpvm
+writes their ``logfile`` too.  The rest (connecting sockets, ``udp``, ...)
+keep QEMU's own semantics in the engine.
 Pure: no I/O.
 """
 
@@ -23,7 +24,7 @@ import re
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 
-from qmpvm.config.chardev import COMMON, backend_of
+from qmpvm.config.chardev import backend_of
 from qmpvm.config.machine import as_object
 from qmpvm.config.resource import Kind
 from qmpvm.errors import ArgumentError, ConfigError
@@ -40,7 +41,7 @@ _SAFE_STEM = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 def owns(args: Mapping[str, object]) -> bool:
     """Whether qmpvm serves this stored chardev-add itself."""
     backend, data = backend_of(args)
-    if backend in ("ringbuf", "memory", "null", "stdio"):
+    if backend in ("ringbuf", "memory", "null", "stdio", "pty"):
         return True
     if backend == "file":
         return "in" not in data
@@ -67,10 +68,10 @@ def monitor_specs(config: Config) -> dict[str, MonitorSpec]:
         if resource is None:
             raise ConfigError(f"HMP monitor: chardev '{chardev_id}' not found")
         backend, _data = backend_of(resource.args)
-        if not owns(resource.args) or backend not in ("stdio", "socket"):
+        if not owns(resource.args) or backend not in ("stdio", "socket", "pty"):
             raise ConfigError(
-                f"HMP monitor on chardev '{chardev_id}': qmpvm serves HMP monitors on "
-                f"its own stdio and listening sockets, not on '{filename(resource.args, [])}'"
+                f"HMP monitor on chardev '{chardev_id}': qmpvm serves HMP monitors on its "
+                f"own stdio, ptys and listening sockets, not on '{filename(resource.args, [])}'"
             )
         specs[chardev_id] = MonitorSpec(
             mux=monitor.get("mux") is True,
@@ -116,19 +117,19 @@ def stem(chardev_id: str) -> str:
 
 def engine_chardev(args: Mapping[str, object], fifo_stem: str) -> dict[str, object]:
     """The chardev-add the engine gets for an owned chardev: a pipe on the
-    FIFOs at ``fifo_stem``, with the log file options the user gave."""
-    _backend, data = backend_of(args)
-    pipe: dict[str, object] = {"device": fifo_stem}
-    pipe.update({member: data[member] for _legacy, member in COMMON if member in data})
-    return {"id": args["id"], "backend": {"type": "pipe", "data": pipe}}
+    FIFOs at ``fifo_stem`` (qmpvm writes the ``logfile``, if any)."""
+    return {"id": args["id"], "backend": {"type": "pipe", "data": {"device": fifo_stem}}}
 
 
-def filename(args: Mapping[str, object], peers: Sequence[str]) -> str:
+def filename(args: Mapping[str, object], peers: Sequence[str], pty: str = "") -> str:
     """``query-chardev``'s ``filename`` as QEMU gives it for this backend,
-    ``peers``: the clients attached to a socket (their addresses)."""
+    ``peers``: the clients attached to a socket (their addresses); ``pty``:
+    a pty's slave path."""
     backend, data = backend_of(args)
     if backend == "memory":
         return "ringbuf"
+    if backend == "pty":
+        return f"pty:{pty}"
     if backend != "socket":
         return backend
     kind, where = socket_address(data)

@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import socket
+import stat
+import sys
 import tempfile
 import typing
 from collections.abc import Mapping, Sequence
@@ -31,7 +33,7 @@ from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind
 from qmpvm.errors import EngineError
 from qmpvm.fds import FdRegistry
-from qmpvm.host.console_clients import Listener, Peer, Terminal
+from qmpvm.host.console_clients import Listener, Peer, PtyMaster, Terminal, pty_path
 from qmpvm.host.console_output import ConsoleLog, History, Ring
 from qmpvm.host.console_wiring import (
     filename,
@@ -79,7 +81,9 @@ class Console:
         self._listeners: list[Listener] = []
         self._bound: tuple[int, int] | None = None  # our socket file's (device, inode)
         self._file: int | None = None
+        self._logfile: int | None = None  # the chardev's own ``logfile``
         self._terminal: Terminal | None = None
+        self._pty: PtyMaster | None = None
         self.monitor: MonitorSpec | None = None  # an HMP monitor on it (set before opening)
         self.execute: Execute | None = None  # how that monitor runs commands
         self.parking: Parking | None = None  # while its host side is parked in an engine
@@ -108,7 +112,13 @@ class Console:
         return self._out is not None
 
     def filename(self) -> str:
-        return filename(self.args, [peer.name for peer in self.peers])
+        pty = self._pty.path if self._pty is not None else ""
+        return filename(self.args, [peer.name for peer in self.peers], pty)
+
+    @property
+    def pty_path(self) -> str | None:
+        """A pty console's slave path, while it is open."""
+        return self._pty.path if self._pty is not None else None
 
     @property
     def input_full(self) -> bool:
@@ -118,12 +128,12 @@ class Console:
     # -- opening and closing, per engine ---------------------------------
 
     async def open(
-        self, directory: Path, *, existing: bool = False, parked: list[socket.socket] | None = None
+        self, directory: Path, *, existing: bool = False, parked: Sequence[int] = ()
     ) -> None:
         """Make the FIFOs in ``directory`` (``existing``: find those an engine
-        taken over has open, and serve on the sockets it kept, ``parked``) and
-        start serving.  EngineError, with nothing left open, if the host
-        refuses a path."""
+        taken over has open, and serve on the descriptors it kept, ``parked``,
+        those ``takes`` chose) and start serving.  EngineError, with nothing
+        left open, if the host refuses a path."""
         self.fifo_stem = path = str(directory / stem(self.id))
         try:
             if not existing:
@@ -140,7 +150,7 @@ class Console:
                 with contextlib.suppress(OSError):  # a smaller pipe only holds less
                     fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             path = self.host_path()
-            await self._serve(existing=existing, parked=parked or [])
+            await self._serve(existing=existing, parked=parked)
         except (OSError, ValueError) as err:
             if not existing or self._out is None:
                 self.close(remove=not existing)
@@ -165,11 +175,27 @@ class Console:
             return str(where["path"])
         return f"{where.get('host', '')}:{where.get('port')}"
 
-    async def _serve(self, *, existing: bool, parked: list[socket.socket]) -> None:
+    async def _serve(self, *, existing: bool, parked: Sequence[int]) -> None:
         """Open the backend's host side (``existing``: again, for an engine
         taken over: a file console appends, as its engine never stopped; a
-        socket serves on the listener and clients it kept, ``parked``)."""
-        listeners = [s for s in parked if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)]
+        socket serves on the listener and clients it kept, ``parked``, and a
+        pty on its master)."""
+        logfile = self.data.get("logfile")
+        if isinstance(logfile, str):  # QEMU's: everything the guest prints
+            mode = os.O_APPEND if self.data.get("logappend") or existing else os.O_TRUNC
+            flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | mode
+            self._logfile = self._fds.open(logfile, flags)
+        if self.backend == "pty":
+            name = park_name(parked[0]) if parked else None
+            self._pty = PtyMaster(self, parked[0] if parked else None, name)
+            if not parked:  # QEMU's words, for tools that read them
+                print(f"char device redirected to {self._pty.path} (label {self.id})",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            if self.log is not None:
+                self.log.note_pty(self._pty.path)
+            return
+        sockets = [socket.socket(fileno=fd) for fd in parked]
+        listeners = [s for s in sockets if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)]
         if self.backend == "socket" and listeners:
             if listeners[0].family == socket.AF_UNIX:
                 found = os.stat(self.host_path())
@@ -177,7 +203,7 @@ class Console:
             for listening in listeners:
                 self._listeners.append(Listener(self, listening, park_name(listening.fileno())))
             loop = asyncio.get_running_loop()
-            for client in parked:  # each a peer before the FIFO is read: it misses nothing
+            for client in sockets:  # each a peer before the FIFO is read: it misses nothing
                 if client not in listeners:
                     peer = functools.partial(Peer, self, park_name(client.fileno()))
                     await _connected(loop.connect_accepted_socket(peer, sock=client))
@@ -238,9 +264,13 @@ class Console:
         if self._bound is not None and (remove or not kept):
             _unlink_if_ours(self.host_path(), self._bound)
         self._bound = None
-        if self._file is not None:
-            os.close(self._file)
-            self._file = None
+        for fd in (self._file, self._logfile):
+            if fd is not None:
+                os.close(fd)
+        self._file = self._logfile = None
+        if self._pty is not None:
+            self._pty.close()
+            self._pty = None
         if self._terminal is not None:
             self._terminal.close()
             self._terminal = None
@@ -261,26 +291,37 @@ class Console:
             if holder.parked is None:
                 await holder.park(parking)
 
-    def _holders(self) -> list[Listener | Peer]:
+    def _holders(self) -> list[Listener | Peer | PtyMaster]:
         """What of this console can be parked."""
-        return [*self._listeners, *self.peers]
+        return [*self._listeners, *self.peers, *([self._pty] if self._pty else [])]
 
     def _parked_names(self) -> list[str]:
         return [h.parked for h in self._holders() if h.parked is not None]
 
-    def takes(self, found: socket.socket) -> bool:
-        """Whether a socket an engine taken over kept is this console's: its
-        listener or a client of it, bound to this console's address."""
-        if self.backend != "socket":
+    def takes(self, fd: int) -> bool:
+        """Whether a descriptor an engine taken over kept is this console's:
+        its listener or a client of it (a socket bound to this console's
+        address), or its pty's master (of the path its log noted)."""
+        mode = os.fstat(fd).st_mode
+        if self.backend == "pty" and stat.S_ISCHR(mode):
+            with contextlib.suppress(OSError):
+                return self.log is not None and self.log.pty == pty_path(fd)
+            return False
+        if self.backend != "socket" or not stat.S_ISSOCK(mode):
             return False
         kind, where = socket_address(self.data)
-        with contextlib.suppress(OSError):
+        found = socket.socket(fileno=fd)
+        try:
             name = found.getsockname()
             if kind == "unix" and found.family == socket.AF_UNIX:
                 path = str(where.get("path"))  # bound as PATH.PID.tmp, then renamed
                 return bool(name == path or re.fullmatch(re.escape(path) + r"\.\d+\.tmp", name))
             if kind == "inet" and found.family in (socket.AF_INET, socket.AF_INET6):
                 return str(name[1]) == str(where.get("port"))
+        except OSError:
+            pass
+        finally:
+            found.detach()
         return False
 
     def spawn(self, work: typing.Coroutine[Any, Any, Any]) -> None:
@@ -321,6 +362,11 @@ class Console:
             self.ring.write(chunk)
         if self._terminal is not None:
             self._terminal.send(chunk)
+        if self._pty is not None:
+            self._pty.send(chunk)
+        if self._logfile is not None:
+            with contextlib.suppress(OSError):  # a full disk costs the log, not the guest
+                os.write(self._logfile, chunk)
         if self._file is not None:
             try:
                 os.write(self._file, chunk)
@@ -445,12 +491,12 @@ class Consoles:
             self.fifo_dir = taken_over
         owned = [r.args for r in config.of_kind(Kind.CHARDEV) if owns(r.args)]
         opened: list[Console] = []
-        unused = [socket.socket(fileno=fd) for fd in parked]
+        unused = list(parked)
         for args in owned:
             console = self._for(args)
             console.monitor, console.execute = monitors.get(console.id), self.execute
-            mine = [found for found in unused if console.takes(found)]
-            unused = [found for found in unused if found not in mine]
+            mine = [fd for fd in unused if console.takes(fd)]
+            unused = [fd for fd in unused if fd not in mine]
             try:
                 await console.open(self.directory(), existing=taken_over is not None, parked=mine)
             except EngineError as err:
@@ -463,8 +509,8 @@ class Consoles:
                 self.close_all(remove=taken_over is None)
                 raise
             opened.append(console)
-        for found in unused:  # the engine's own, or of consoles gone since
-            found.close()
+        for fd in unused:  # the engine's own, or of consoles gone since
+            os.close(fd)
         return opened
 
     async def open_one(self, args: Mapping[str, object]) -> Console:

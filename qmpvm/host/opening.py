@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qmpvm.config.chardev import backend_of
 from qmpvm.config.machine import as_object
 from qmpvm.config.model import Config
-from qmpvm.config.resource import Kind, Resource
+from qmpvm.config.resource import Resource
 from qmpvm.engine.process import RunAs
 from qmpvm.errors import ConfigError, EngineError
 from qmpvm.fds import RESERVED_FDSETS, open_nonblocking
@@ -231,9 +230,6 @@ def _root_why(config: Config, user_why: str | None, allowed: bool) -> str | None
         return 'machine-set {"confine": {"root": false}} lifted it'
     if user_why is not None:
         return "the engine runs as qmpvm's user, and opens host paths itself"
-    ptys = [r.key for r in config.of_kind(Kind.CHARDEV) if backend_of(r.args)[0] == "pty"]
-    if ptys:
-        return f"chardev '{ptys[0]}' is a pty, whose terminal must be the host's"
     if not allowed:
         return (
             "qmpvm cannot make it one here (no mount namespace, sh, mount or chroot, "

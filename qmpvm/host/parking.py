@@ -1,15 +1,15 @@
 """Descriptors parked in the engine, so that consoles outlive a qmpvm restart.
 
 With ``--state-dir`` the engine outlives qmpvm; a console's host side (its
-listening socket, its clients' connections) is qmpvm's and would close with
-it.  So each is also handed to the engine with ``getfd`` under a name of its
+listening socket, its clients' connections, a pty's master) is qmpvm's and
+would close with it.  So each is also handed to the engine with ``getfd`` under a name of its
 own (``qmpvm-park-INODE``), which the engine keeps, unused, for as long as
 it runs (its monitor's named descriptors survive the link's reconnection;
 fdsets would not: QEMU closes unused ones when its last monitor
-disconnects).  The next qmpvm copies the engine's sockets back
-(``pidfd_getfd``) and each console takes those bound to its address: its
-clients stay connected, its path stays bound (connections made meanwhile
-wait in the backlog).  The engine never reads them.
+disconnects).  The next qmpvm copies the engine's sockets and pty masters
+back (``pidfd_getfd``) and each console takes its own: its clients stay
+connected, its path stays bound (connections made meanwhile wait in the
+backlog), a pty keeps its ``/dev/pts`` name.  The engine never reads them.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import stat
 from typing import TYPE_CHECKING
 
 from qmpvm.errors import EngineError
+from qmpvm.host.console_clients import pty_path
 
 if TYPE_CHECKING:
     from qmpvm.engine.machine import EngineMachine
@@ -34,9 +35,21 @@ PREFIX = "qmpvm-park-"
 
 
 def park_name(fd: int) -> str:
-    """The ``getfd`` name of a parked socket: its inode, the same in every
-    process that holds it, so a qmpvm that took it back knows the name."""
-    return f"{PREFIX}{os.fstat(fd).st_ino}"
+    """The ``getfd`` name of a parked socket (its inode) or pty master (its
+    number): the same in every process that holds it, so a qmpvm that took
+    it back knows the name."""
+    found = os.fstat(fd)
+    if stat.S_ISCHR(found.st_mode):
+        return f"{PREFIX}pty{pty_path(fd).rsplit('/', 1)[-1]}"
+    return f"{PREFIX}{found.st_ino}"
+
+
+def is_pty_master(found: os.stat_result) -> bool:
+    """/dev/ptmx (or a devpts instance's ``ptmx``): character device 5:2."""
+    return stat.S_ISCHR(found.st_mode) and (os.major(found.st_rdev), os.minor(found.st_rdev)) == (
+        5,
+        2,
+    )
 
 
 class Parking:
@@ -70,8 +83,8 @@ class Parking:
             await self.machine.execute("closefd", {"fdname": name})
 
     def take_back(self) -> list[int]:
-        """Copies of the engine's sockets, one per socket (the consoles pick
-        theirs by address; the rest are for the caller to close)."""
+        """Copies of the engine's sockets and pty masters, one each (the
+        consoles pick theirs; the rest are for the caller to close)."""
         from qmpvm.engine.process import WatchedProcess
 
         process = self.machine.process
@@ -84,8 +97,9 @@ class Parking:
             for name in os.listdir(table):
                 with contextlib.suppress(OSError):
                     found = os.stat(f"{table}/{name}")
-                    if not stat.S_ISSOCK(found.st_mode) or found.st_ino in seen:
-                        continue
-                    copies.append(process.copy_fd(int(name)))
-                    seen.add(found.st_ino)
+                    if is_pty_master(found):
+                        copies.append(process.copy_fd(int(name)))  # each its own pty
+                    elif stat.S_ISSOCK(found.st_mode) and found.st_ino not in seen:
+                        copies.append(process.copy_fd(int(name)))
+                        seen.add(found.st_ino)
         return copies

@@ -4,6 +4,7 @@ test plays the engine): real FIFOs, real sockets, no VM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from pathlib import Path
@@ -79,7 +80,7 @@ UNIX_X = {"type": "unix", "data": {"path": "/x"}}
         (chardev("n", "null"), True),
         (chardev("f", "file", out="/tmp/x"), True),
         (chardev("f", "file", out="/tmp/x", **{"in": "/tmp/y"}), False),
-        (chardev("p", "pty"), False),
+        (chardev("p", "pty"), True),
         (unix_server("s", Path("/tmp/s.sock")), True),
         (unix_server("s", Path("/tmp/s.sock"), telnet=True), False),
         (chardev("s", "socket", addr={"type": "unix", "data": {"path": "/x"}}), True),
@@ -98,11 +99,10 @@ def test_which_chardevs_qmpvm_serves(args: dict[str, object], served: bool) -> N
     assert owns(args) is served
 
 
-def test_the_engine_gets_a_pipe_with_the_log_options() -> None:
+def test_the_engine_gets_a_pipe_and_no_log_file() -> None:
     args = chardev("ser0", "ringbuf", size=4096, logfile="/tmp/l", logappend=True)
     piped = engine_chardev(args, "/run/c/ser0")
-    data = {"device": "/run/c/ser0", "logfile": "/tmp/l", "logappend": True}
-    assert piped == {"id": "ser0", "backend": {"type": "pipe", "data": data}}
+    assert piped == {"id": "ser0", "backend": {"type": "pipe", "data": {"device": "/run/c/ser0"}}}
 
 
 def test_ring_sizes_are_checked_as_qemu_checks_them() -> None:
@@ -134,6 +134,7 @@ def test_query_chardev_filenames_are_qemus() -> None:
     assert filename(tcp, ["127.0.0.1:4000"]) == "tcp:127.0.0.1:5,server=on <-> 127.0.0.1:4000"
     assert filename(chardev("r", "memory"), []) == "ringbuf"
     assert filename(chardev("n", "null"), []) == "null"
+    assert filename(chardev("p", "pty"), [], "/dev/pts/7") == "pty:/dev/pts/7"
 
 
 def test_history_and_ring_keep_qemus_bounds() -> None:
@@ -259,6 +260,41 @@ async def test_a_file_console_writes_its_file(tmp_path: Path) -> None:
     console.deliver(b"new\n")
     console.close(remove=True)
     assert out.read_bytes() == b"old\nnew\n"
+
+
+async def test_a_pty_console_serves_its_slave_and_writes_the_log_file(tmp_path: Path) -> None:
+    """QEMU's pty: output reaches whoever opened the slave (none is kept for
+    a slave nobody has open), input comes back from it; the chardev's
+    ``logfile`` gets every byte, written by qmpvm, not the engine."""
+    log = tmp_path / "pty.log"
+    console = Console(chardev("p", "pty", logfile=str(log)), tmp_path / "logs")
+    (tmp_path / "logs").mkdir()
+    await console.open(tmp_path)
+    engine = Engine(console)
+    path = console.pty_path
+    assert path is not None and console.filename() == f"pty:{path}"
+    assert console.log is not None and console.log.pty == path, "noted for the next qmpvm"
+    engine.prints(b"before anyone\n")
+    await asyncio.sleep(0)  # qmpvm reads it: nobody has the slave open
+    console.drain()
+    slave = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    try:
+        seen = b""
+        async with asyncio.timeout(10):  # the slave's opening is seen within a poll
+            while b"LATER" not in seen:
+                engine.prints(b"LATER\n")
+                await asyncio.sleep(0.05)
+                with contextlib.suppress(BlockingIOError):
+                    os.set_blocking(slave, False)
+                    seen += os.read(slave, 4096)
+        assert b"before anyone" not in seen, "QEMU drops what no client could read"
+        os.write(slave, b"typed")
+        assert await engine.typed(5) == b"typed"
+    finally:
+        os.close(slave)
+        engine.close()
+        console.close(remove=True)
+    assert log.read_bytes().startswith(b"before anyone\nLATER\n")
 
 
 async def test_a_path_the_host_refuses_is_an_error_naming_it(tmp_path: Path) -> None:

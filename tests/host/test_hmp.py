@@ -122,14 +122,19 @@ def chardev(chardev_id: str, backend: str, **data: object) -> Resource:
     [
         ("gone", "chardev 'gone' not found"),
         ("ring", "not on 'ringbuf'"),  # no input: nobody could type into it
-        ("tty", "not on 'pty'"),  # the engine's, not qmpvm's
+        ("net", "not on 'udp'"),  # the engine's, not qmpvm's
     ],
 )
 def test_monitors_go_only_on_consoles_qmpvm_serves_with_input(
     chardev_id: str, message: str
 ) -> None:
     config = Config()
-    for resource in (chardev("con", "stdio"), chardev("ring", "ringbuf"), chardev("tty", "pty")):
+    udp = {"remote": {"type": "inet", "data": {"host": "h", "port": "1"}}}
+    for resource in (
+        chardev("con", "stdio"),
+        chardev("ring", "ringbuf"),
+        chardev("net", "udp", **udp),
+    ):
         config = config.add(resource)
     good = config.set_machine({"monitors": [{"chardev": "con", "mux": True}], "escape-char": 2})
     assert monitor_specs(good) == {"con": MonitorSpec(mux=True, escape=2)}

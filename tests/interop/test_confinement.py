@@ -77,12 +77,14 @@ async def test_what_the_engine_would_open_itself_keeps_it_privileged(
     tmp_path: Path, guest: GuestImage
 ) -> None:
     """A configuration naming a host path qmpvm does not open for the engine
-    (here a chardev log file) keeps it as qmpvm's user, and says why."""
+    (here the log file of a chardev the engine serves) keeps it as qmpvm's
+    user, and says why."""
     proc = start_qmpvm(tmp_path)
     client = await connect(proc)
     await configure(client, guest, tmp_path, serial="ringbuf")
-    log = {"logfile": str(tmp_path / "pty.log")}
-    await client.execute("chardev-add", {"id": "p", "backend": {"type": "pty", "data": log}})
+    udp = {"remote": {"type": "inet", "data": {"host": "127.0.0.1", "port": "9"}},
+           "logfile": str(tmp_path / "udp.log")}  # fmt: skip
+    await client.execute("chardev-add", {"id": "p", "backend": {"type": "udp", "data": udp}})
     await client.execute("machine-init")
     part = (await client.execute("query-machine"))["engine"]["confinement"]["user"]
     assert part["on"] is False and part["uid"] == 0

@@ -336,3 +336,51 @@ async def test_fdsets_the_configuration_uses_are_taken_back(
     await console.close()
     await quit_and_disconnect(client)
     assert proc.process.wait(15) == 0
+
+
+async def test_a_pty_console_keeps_its_path_and_client_across_a_restart(
+    tmp_path: Path, guest: GuestImage, state: Path
+) -> None:
+    """A pty qmpvm serves (ttyS1 here) is parked in the engine too: after
+    qmpvm is killed and restarted, query-chardev names the same /dev/pts
+    path, and a client that kept the slave open reads on."""
+    options = guest_options(guest, tmp_path, "-chardev", "pty,id=tty1", "-serial", "chardev:tty1")
+    proc = start_qmpvm(tmp_path, *options, state_dir=state)
+    client = await connect(proc)
+    console = await SocketConsole.connect(str(tmp_path / "ttyS0.sock"))
+    await console.expect(READY_MARKER, BOOT_TIMEOUT)
+    path = await pty_of(client, "tty1")
+    assert f"char device redirected to {path} (label tty1)" in proc.stderr()
+    slave = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        await through_pty(console, slave, "BEFORE")
+        await logged(proc, "parked chardev 'tty1' pty")
+        await drop(client)
+        proc.process.kill()
+        proc.process.wait()
+        proc = restart(tmp_path, state, proc)
+        client = await connect(proc)
+        assert await pty_of(client, "tty1") == path, "the same pty, not a new one"
+        await through_pty(console, slave, "AFTER")
+    finally:
+        os.close(slave)
+    await console.close()
+    await quit_and_disconnect(client)
+
+
+async def pty_of(client: QMPClient, label: str) -> str:
+    found = {c["label"]: c["filename"] for c in await client.execute("query-chardev")}
+    assert found[label].startswith("pty:/dev/pts/"), found
+    return str(found[label]).removeprefix("pty:")
+
+
+async def through_pty(console: SocketConsole, slave: int, word: str) -> None:
+    """The guest writes ``word`` to ttyS1 until the pty's slave reads it (a
+    slave's opening is noticed within a second, as in QEMU)."""
+    seen = b""
+    async with asyncio.timeout(30):
+        while word.encode() not in seen:
+            await console.write(f"echo {word} > /dev/ttyS1\n")
+            await asyncio.sleep(0.2)
+            with contextlib.suppress(BlockingIOError):
+                seen += os.read(slave, 4096)
