@@ -177,6 +177,11 @@ class Peer(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.name = f"{peer[0]}:{peer[1]}"
+            local = transport.get_extra_info("sockname")
+            if self.console.dials and isinstance(local, tuple):  # QEMU's: LOCAL <-> REMOTE
+                self.name = f"{local[0]}:{local[1]} <-> {self.name}"
+        elif self.console.dials:
+            self.name = "connected"
             sock = transport.get_extra_info("socket")
             if self.console.data.get("nodelay") and sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -219,8 +224,7 @@ class Peer(asyncio.Protocol):
         if parking is not None and self.parked is not None:
             self.console.spawn(parking.unpark(self.parked))
             self.parked = None
-        with contextlib.suppress(ValueError):
-            self.console.peers.remove(self)
+        self.console.peer_gone(self)
 
     def send(self, chunk: bytes) -> None:
         waiting = self.transport.get_write_buffer_size() + len(self._held or b"")

@@ -10,10 +10,10 @@ reads on.  The chardev keeps its id, so the devices that name it need no
 change.
 
 Owned: ``ringbuf``/``memory``, ``null``, ``stdio`` (qmpvm's own standard
-I/O), ``pty``, ``file`` without an input file, and listening ``socket``s on
-a path or a TCP port without telnet, websocket, TLS or ``wait``.  qmpvm
-writes their ``logfile`` too.  The rest (connecting sockets, ``udp``, ...)
-keep QEMU's own semantics in the engine.
+I/O), ``pty``, ``file`` without an input file, and ``socket``s listening on
+or connecting to a path or a TCP port without telnet, websocket, TLS or
+``wait``.  qmpvm writes their ``logfile`` too.  The rest (``fd=`` sockets,
+``udp``, ...) keep QEMU's own semantics in the engine.
 Pure: no I/O.
 """
 
@@ -34,7 +34,7 @@ if typing.TYPE_CHECKING:
     from qmpvm.config.model import Config
 
 RING_DEFAULT = 65536
-_ENGINE_ONLY_SOCKET = ("telnet", "tn3270", "websocket", "tls-creds", "tls-authz", "reconnect")
+_ENGINE_ONLY_SOCKET = ("telnet", "tn3270", "websocket", "tls-creds", "tls-authz")
 _SAFE_STEM = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 
 
@@ -45,10 +45,12 @@ def owns(args: Mapping[str, object]) -> bool:
         return True
     if backend == "file":
         return "in" not in data
-    if backend != "socket" or not data.get("server", True) or data.get("wait", False):
+    if backend != "socket" or data.get("wait", False):
         return False
     if any(data.get(option) for option in _ENGINE_ONLY_SOCKET):
         return False
+    if data.get("server", True) and data.get("reconnect"):
+        return False  # QEMU refuses it: the engine says so
     kind, where = socket_address(data)
     if kind == "unix":
         return not where.get("abstract")
@@ -78,6 +80,10 @@ def monitor_specs(config: Config) -> dict[str, MonitorSpec]:
             escape=escape if isinstance(escape, int) else ESCAPE_DEFAULT,
         )
     return specs
+
+
+def host_port(where: Mapping[str, object]) -> str:
+    return f"{where.get('host', '')}:{where.get('port')}"
 
 
 def socket_address(data: Mapping[str, object]) -> tuple[object, Mapping[str, object]]:
@@ -123,8 +129,9 @@ def engine_chardev(args: Mapping[str, object], fifo_stem: str) -> dict[str, obje
 
 def filename(args: Mapping[str, object], peers: Sequence[str], pty: str = "") -> str:
     """``query-chardev``'s ``filename`` as QEMU gives it for this backend,
-    ``peers``: the clients attached to a socket (their addresses); ``pty``:
-    a pty's slave path."""
+    ``peers``: the clients attached to a listening socket (their addresses),
+    or a connecting socket's connection (``LOCAL <-> REMOTE``); ``pty``: a
+    pty's slave path."""
     backend, data = backend_of(args)
     if backend == "memory":
         return "ringbuf"
@@ -133,10 +140,14 @@ def filename(args: Mapping[str, object], peers: Sequence[str], pty: str = "") ->
     if backend != "socket":
         return backend
     kind, where = socket_address(data)
+    if not data.get("server", True):  # connected, QEMU names the local end: none for unix
+        if kind == "unix":
+            return "unix:" if peers else f"disconnected:unix:{where.get('path')}"
+        return f"tcp:{peers[0]}" if peers else f"disconnected:tcp:{host_port(where)}"
     if kind == "unix":
         text = f"unix:{where.get('path')},server=on"
     else:
-        text = f"tcp:{where.get('host', '')}:{where.get('port')},server=on"
+        text = f"tcp:{host_port(where)},server=on"
         if peers:
             text += f" <-> {peers[0]}"
     return text if peers else f"disconnected:{text}"

@@ -84,6 +84,9 @@ class Console:
         self._logfile: int | None = None  # the chardev's own ``logfile``
         self._terminal: Terminal | None = None
         self._pty: PtyMaster | None = None
+        # a connecting socket (``server=off``), not a listening one
+        self.dials = self.backend == "socket" and not self.data.get("server", True)
+        self._redial: asyncio.TimerHandle | None = None  # ``reconnect`` after seconds
         self.monitor: MonitorSpec | None = None  # an HMP monitor on it (set before opening)
         self.execute: Execute | None = None  # how that monitor runs commands
         self.parking: Parking | None = None  # while its host side is parked in an engine
@@ -114,6 +117,44 @@ class Console:
     def filename(self) -> str:
         pty = self._pty.path if self._pty is not None else ""
         return filename(self.args, [peer.name for peer in self.peers], pty)
+
+    def peer_gone(self, peer: Peer) -> None:
+        """A client went; a connecting socket with ``reconnect`` dials again
+        that many seconds later, as QEMU (without, it stays disconnected)."""
+        with contextlib.suppress(ValueError):
+            self.peers.remove(peer)
+        if self.dials and self.is_open and not self.peers:
+            self._dial_later()
+
+    async def _dial(self) -> None:
+        """Connect a connecting socket (``server=off``): OSError if it cannot
+        and has no ``reconnect``, else it tries again later."""
+        self._redial = None
+        loop = asyncio.get_running_loop()
+        kind, where = socket_address(self.data)
+        try:
+            if kind == "unix":
+                await loop.create_unix_connection(lambda: Peer(self), str(where["path"]))
+            else:
+                host = str(where.get("host") or "localhost")
+                await loop.create_connection(lambda: Peer(self), host, int(str(where["port"])))
+        except OSError as err:
+            if not self.data.get("reconnect"):
+                raise
+            log.info("chardev '%s': cannot connect to %s: %s; trying again in %s s",
+                     self.id, self.host_path(), _reason(err), self.data["reconnect"])  # fmt: skip
+            self._dial_later()
+
+    def _dial_later(self) -> None:
+        seconds = self.data.get("reconnect")
+        if isinstance(seconds, int) and seconds > 0 and self._redial is None:
+            loop = asyncio.get_running_loop()
+            self._redial = loop.call_later(seconds, lambda: self.spawn(self._redialled()))
+
+    async def _redialled(self) -> None:
+        if self.is_open and not self.peers:
+            with contextlib.suppress(OSError):  # no reconnect: stays disconnected
+                await self._dial()
 
     @property
     def pty_path(self) -> str | None:
@@ -154,9 +195,8 @@ class Console:
         except (OSError, ValueError) as err:
             if not existing or self._out is None:
                 self.close(remove=not existing)
-                raise EngineError(
-                    f"chardev '{self.id}': cannot open '{path}': {_reason(err)}"
-                ) from err
+                verb = "Failed to connect to" if self.dials else "cannot open"  # QEMU's words
+                raise EngineError(f"chardev '{self.id}': {verb} '{path}': {_reason(err)}") from err
             # taken over: the guest's output is still read (and kept), or it
             # would fill the FIFO and hold the guest's UART; only the backend is lost
             log.warning("chardev '%s': cannot open '%s' again: %s; its output is kept "
@@ -196,6 +236,14 @@ class Console:
             return
         sockets = [socket.socket(fileno=fd) for fd in parked]
         listeners = [s for s in sockets if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)]
+        if self.dials:
+            loop = asyncio.get_running_loop()
+            for client in sockets:  # a peer before the FIFO is read: it misses nothing
+                peer = functools.partial(Peer, self, park_name(client.fileno()))
+                await _connected(loop.connect_accepted_socket(peer, sock=client))
+            if not self.peers:
+                await self._dial()
+            return
         if self.backend == "socket" and listeners:
             if listeners[0].family == socket.AF_UNIX:
                 found = os.stat(self.host_path())
@@ -254,6 +302,9 @@ class Console:
                 os.close(fd)
         self._out = self._in = None
         self._pending.clear()
+        if self._redial is not None:
+            self._redial.cancel()
+            self._redial = None
         for peer in list(self.peers):
             peer.transport.abort()
         self.peers.clear()
@@ -311,8 +362,8 @@ class Console:
             return False
         kind, where = socket_address(self.data)
         found = socket.socket(fileno=fd)
-        try:
-            name = found.getsockname()
+        try:  # a connecting socket's is the server's address, at the other end
+            name = found.getpeername() if self.dials else found.getsockname()
             if kind == "unix" and found.family == socket.AF_UNIX:
                 path = str(where.get("path"))  # bound as PATH.PID.tmp, then renamed
                 return bool(name == path or re.fullmatch(re.escape(path) + r"\.\d+\.tmp", name))

@@ -85,10 +85,9 @@ UNIX_X = {"type": "unix", "data": {"path": "/x"}}
         (unix_server("s", Path("/tmp/s.sock"), telnet=True), False),
         (chardev("s", "socket", addr={"type": "unix", "data": {"path": "/x"}}), True),
         (chardev("s", "socket", addr={"type": "unix", "data": {"path": "/x"}}, wait=True), False),
-        (
-            chardev("s", "socket", addr={"type": "unix", "data": {"path": "/x"}}, server=False),
-            False,
-        ),
+        (chardev("s", "socket", addr=UNIX_X, server=False), True),
+        (chardev("s", "socket", addr=UNIX_X, server=False, reconnect=2), True),
+        (chardev("s", "socket", addr=UNIX_X, server=True, reconnect=2), False),
         (chardev("t", "socket", addr={"type": "inet", "data": {"host": "", "port": "5"}}), True),
         (chardev("t", "socket", addr={"type": "inet", "data": {"port": "5", "to": "9"}}), False),
         (chardev("t", "socket", addr={"type": "fd", "data": {"str": "x"}}), False),
@@ -295,6 +294,46 @@ async def test_a_pty_console_serves_its_slave_and_writes_the_log_file(tmp_path: 
         engine.close()
         console.close(remove=True)
     assert log.read_bytes().startswith(b"before anyone\nLATER\n")
+
+
+def connecting(path: Path, **more: object) -> dict[str, object]:
+    addr = {"type": "unix", "data": {"path": str(path)}}
+    return chardev("c", "socket", addr=addr, server=False, **more)
+
+
+async def test_a_connecting_socket_console_dials_and_redials_as_qemu(tmp_path: Path) -> None:
+    """``server=off``: connected when it opens (refused then: an error, as
+    QEMU's "Failed to connect"); with ``reconnect=N`` an absent server is
+    dialled again every N seconds, and a lost connection too."""
+    path = tmp_path / "server.sock"
+    with pytest.raises(EngineError, match=f"Failed to connect to '{path}'"):
+        await Console(connecting(path), None).open(tmp_path)
+
+    console = Console(connecting(path, reconnect=1), None)
+    await console.open(tmp_path)  # nobody listens yet: it will try again
+    engine = Engine(console)
+    assert console.filename() == f"disconnected:unix:{path}"
+    connections: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+    connections = asyncio.Queue()
+    server = await asyncio.start_unix_server(lambda r, w: connections.put_nowait((r, w)), str(path))
+    try:
+        async with asyncio.timeout(10):
+            reader, writer = await connections.get()
+        assert console.filename() == "unix:", "QEMU names a unix client's own (unnamed) end"
+        engine.prints(b"to the server\n")
+        assert await read_until(reader, b"\n") == b"to the server\n"
+        writer.write(b"typed")
+        assert await engine.typed(5) == b"typed"
+        writer.close()  # the server drops it: dialled again a second later
+        async with asyncio.timeout(10):
+            reader, writer = await connections.get()
+        engine.prints(b"again\n")
+        assert await read_until(reader, b"\n") == b"again\n"
+        writer.close()
+    finally:
+        server.close()
+        engine.close()
+        console.close(remove=True)
 
 
 async def test_a_path_the_host_refuses_is_an_error_naming_it(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from test_engine import BOOT_TIMEOUT
 from test_machine_state import guest_options, start_ticker
 
 from qmpvm.engine.record import EngineRecord, identity
-from qmpvm.images import READY_MARKER, GuestImage
+from qmpvm.images import READY_MARKER, GuestImage, guest_cmdline
 from qmpvm.tools.console import SocketConsole
 
 pytestmark = pytest.mark.usefixtures("guest")
@@ -122,10 +122,10 @@ async def test_kill9_of_qmpvm_never_stops_the_guest(
     assert (state / "consoles" / "ser0.log").exists(), "the history stays"
 
 
-async def logged(proc: QmpvmProcess, text: str) -> None:
-    """qmpvm's log (``-v``) says ``text``."""
+async def logged(proc: QmpvmProcess, text: str, times: int = 1) -> None:
+    """qmpvm's log (``-v``) says ``text`` (``times`` over)."""
     async with asyncio.timeout(30):
-        while text not in proc.stderr():
+        while proc.stderr().count(text) < times:
             await asyncio.sleep(0.02)
 
 
@@ -384,3 +384,47 @@ async def through_pty(console: SocketConsole, slave: int, word: str) -> None:
             await asyncio.sleep(0.2)
             with contextlib.suppress(BlockingIOError):
                 seen += os.read(slave, 4096)
+
+
+async def test_a_connecting_console_redials_and_stays_connected_across_a_restart(
+    tmp_path: Path, guest: GuestImage, state: Path
+) -> None:
+    """``-chardev socket,server=off,reconnect=1``: qmpvm dials the test's
+    server, dials again when the server drops it, and its connection
+    survives qmpvm's kill -9 (parked in the engine)."""
+    path = tmp_path / "listening.sock"
+    connections: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+    connections = asyncio.Queue()
+    server = await asyncio.start_unix_server(lambda r, w: connections.put_nowait((r, w)), str(path))
+    options = [
+        "-machine", "q35", "-accel", "tcg", "-m", "256", "-nodefaults",
+        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
+        "-append", guest_cmdline("q35"),
+        "-chardev", f"socket,id=ser0,path={path},server=off,reconnect=1",
+        "-serial", "chardev:ser0",
+    ]  # fmt: skip
+    proc = start_qmpvm(tmp_path, *options, state_dir=state)
+    try:
+        client = await connect(proc)
+        async with asyncio.timeout(BOOT_TIMEOUT):
+            reader, writer = await connections.get()
+            await reader.readuntil(READY_MARKER.encode())
+        writer.close()  # dropped by the server: qmpvm dials again
+        async with asyncio.timeout(30):
+            reader, writer = await connections.get()
+        await logged(proc, "parked a client of chardev 'ser0'", times=2)  # this connection
+        await drop(client)
+        proc.process.kill()
+        proc.process.wait()
+        writer.write(b"echo DIALLED-$((7 * 6))\n")  # while no qmpvm runs
+        proc = restart(tmp_path, state, proc)
+        client = await connect(proc)
+        async with asyncio.timeout(30):
+            await reader.readuntil(b"DIALLED-42")
+        assert connections.empty(), "the same connection, not a new one"
+        chardevs = {c["label"]: c["filename"] for c in await client.execute("query-chardev")}
+        assert chardevs["ser0"] == "unix:"  # QEMU's name for a connected unix client
+        writer.close()
+        await quit_and_disconnect(client)
+    finally:
+        server.close()
