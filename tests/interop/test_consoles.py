@@ -45,6 +45,20 @@ async def peers(client: QMPClient, label: str, connected: bool) -> str:
             await asyncio.sleep(0.02)
 
 
+async def booted_with_two_clients(
+    client: QMPClient, path: Path
+) -> tuple[SocketConsole, SocketConsole]:
+    """Two clients on the console socket at ``path``, then the guest started
+    and booted; the second leaves the shell's terminal query to the first."""
+    first = await SocketConsole.connect(str(path))
+    second = await SocketConsole.connect(str(path))
+    second.interactive = False
+    await client.execute("cont")
+    await first.expect(READY_MARKER, BOOT_TIMEOUT)
+    await second.expect(READY_MARKER, BOOT_TIMEOUT)
+    return first, second
+
+
 async def test_clients_share_a_serial_console_and_late_ones_read_its_history(
     tmp_path: Path, guest: GuestImage
 ) -> None:
@@ -52,13 +66,8 @@ async def test_clients_share_a_serial_console_and_late_ones_read_its_history(
     client = await connect(proc)
     path = await configure(client, guest, tmp_path)
     await client.execute("machine-init")
-    first = await SocketConsole.connect(str(path))
-    second = await SocketConsole.connect(str(path))
-    second.interactive = False  # one answer to the shell's terminal query is enough
+    first, second = await booted_with_two_clients(client, path)
     assert await peers(client, "ser0", True) == f"unix:{path},server=on"
-    await client.execute("cont")
-    await first.expect(READY_MARKER, BOOT_TIMEOUT)
-    await second.expect(READY_MARKER, BOOT_TIMEOUT)
     # either can type; both see the answer
     await first.write("echo FROM-A-$((20 + 1))\n")
     await first.expect("FROM-A-21")
@@ -244,12 +253,7 @@ async def test_hmp_monitors_on_sockets_give_each_client_its_own(
         "-monitor", f"unix:{monitor},server=on,wait=off", "-S",
     )  # fmt: skip
     client = await connect(proc)
-    watching = await SocketConsole.connect(str(serial))
-    typist = await SocketConsole.connect(str(serial))
-    typist.interactive = False  # one answer to the shell's terminal query is enough
-    await client.execute("cont")
-    await watching.expect(READY_MARKER, BOOT_TIMEOUT)
-    await typist.expect(READY_MARKER, BOOT_TIMEOUT)
+    watching, typist = await booted_with_two_clients(client, serial)
 
     await typist.write("\x01c")
     await typist.expect("(qemu) ")

@@ -371,15 +371,17 @@ async def test_fast_restore_maps_the_snapshot_memory(tmp_path: Path, guest: Gues
         assert snap.file_sha256(memory) == digest, "the snapshot's memory is unchanged"
 
 
-def guest_options(guest: GuestImage, tmp: Path, *extra: str) -> list[str]:
-    """The test guest as a QEMU command line, its console on a socket."""
-    console = tmp / "ttyS0.sock"
+def guest_options(
+    guest: GuestImage, tmp: Path, *extra: str, console: str | None = None
+) -> list[str]:
+    """The test guest as a QEMU command line, its console on a socket
+    (``console``: the -chardev of another one, id ser0)."""
+    console = console or f"socket,id=ser0,path={tmp / 'ttyS0.sock'},server=on,wait=off"
     return [
         "-machine", "q35", "-accel", "tcg", "-m", "256", "-nodefaults",
         "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
         "-append", guest_cmdline("q35"),
-        "-chardev", f"socket,id=ser0,path={console},server=on,wait=off",
-        "-serial", "chardev:ser0", *extra,
+        "-chardev", console, "-serial", "chardev:ser0", *extra,
     ]  # fmt: skip
 
 

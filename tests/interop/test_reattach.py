@@ -22,7 +22,7 @@ from test_engine import BOOT_TIMEOUT
 from test_machine_state import guest_options, start_ticker
 
 from qmpvm.engine.record import EngineRecord, identity
-from qmpvm.images import READY_MARKER, GuestImage, guest_cmdline
+from qmpvm.images import READY_MARKER, GuestImage
 from qmpvm.tools.console import SocketConsole
 
 pytestmark = pytest.mark.usefixtures("guest")
@@ -396,14 +396,8 @@ async def test_a_connecting_console_redials_and_stays_connected_across_a_restart
     connections: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
     connections = asyncio.Queue()
     server = await asyncio.start_unix_server(lambda r, w: connections.put_nowait((r, w)), str(path))
-    options = [
-        "-machine", "q35", "-accel", "tcg", "-m", "256", "-nodefaults",
-        "-kernel", str(guest.kernel), "-initrd", str(guest.initrd),
-        "-append", guest_cmdline("q35"),
-        "-chardev", f"socket,id=ser0,path={path},server=off,reconnect=1",
-        "-serial", "chardev:ser0",
-    ]  # fmt: skip
-    proc = start_qmpvm(tmp_path, *options, state_dir=state)
+    dialling = f"socket,id=ser0,path={path},server=off,reconnect=1"
+    proc = start_qmpvm(tmp_path, *guest_options(guest, tmp_path, console=dialling), state_dir=state)
     try:
         client = await connect(proc)
         async with asyncio.timeout(BOOT_TIMEOUT):
