@@ -48,7 +48,7 @@ async def add(call: Call) -> object:
     if spec.kind is Kind.BLOCK and "node-name" not in args:
         raise ArgumentError("'node-name' must be specified for the root node")
     kinds.make(spec.kind, args, 0)  # its name, before anything else is looked at
-    served = spec.kind is Kind.CHARDEV and console_wiring.owns(args)  # by qmpvm
+    served = spec.kind is Kind.CHARDEV and console_wiring.served(vmm.config, args)  # by qmpvm
     if spec.kind is Kind.CHARDEV:
         chardev.check_writable(args)
         console_wiring.check(args)

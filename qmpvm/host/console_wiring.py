@@ -57,6 +57,26 @@ def owns(args: Mapping[str, object]) -> bool:
     return kind == "inet" and not any(k in where for k in ("to", "ipv4", "ipv6"))
 
 
+CONNECTION_AWARE = frozenset({"virtserialport", "virtconsole", "usb-serial", "usb-braille"})
+"""Frontends that show the guest whether a client is at the host end (a
+virtio-serial port's ``host_connected``, a usb-serial plugging in): on a
+socket or a pty they stay the engine's, as qmpvm's pipe to the engine is
+always connected."""
+
+
+def served(config: Config, args: Mapping[str, object]) -> bool:
+    """``owns``, in ``config``: not a socket or pty a connection-aware
+    frontend uses."""
+    if not owns(args):
+        return False
+    if backend_of(args)[0] not in ("socket", "pty"):
+        return True
+    return not any(
+        d.args.get("chardev") == args.get("id") and d.args.get("driver") in CONNECTION_AWARE
+        for d in config.of_kind(Kind.DEVICE)
+    )
+
+
 def monitor_specs(config: Config) -> dict[str, MonitorSpec]:
     """The HMP monitors the machine setting ``monitors`` puts on consoles, by
     chardev id; ConfigError for one on a chardev that is missing, that qmpvm
@@ -70,7 +90,7 @@ def monitor_specs(config: Config) -> dict[str, MonitorSpec]:
         if resource is None:
             raise ConfigError(f"HMP monitor: chardev '{chardev_id}' not found")
         backend, _data = backend_of(resource.args)
-        if not owns(resource.args) or backend not in ("stdio", "socket", "pty"):
+        if not served(config, resource.args) or backend not in ("stdio", "socket", "pty"):
             raise ConfigError(
                 f"HMP monitor on chardev '{chardev_id}': qmpvm serves HMP monitors on its "
                 f"own stdio, ptys and listening sockets, not on '{filename(resource.args, [])}'"

@@ -38,8 +38,8 @@ from qmpvm.host.console_output import ConsoleLog, History, Ring
 from qmpvm.host.console_wiring import (
     filename,
     monitor_specs,
-    owns,
     ring_size,
+    served,
     socket_address,
     stem,
 )
@@ -506,7 +506,7 @@ class Consoles:
         found = self.by_id.get(chardev_id)
         if found is None and config is not None:
             resource = config.find(Kind.CHARDEV, chardev_id)
-            if resource is not None and owns(resource.args):
+            if resource is not None and served(config, resource.args):
                 found = self._for(resource.args)
         return found
 
@@ -540,7 +540,7 @@ class Consoles:
         monitors = monitor_specs(config)
         if taken_over is not None:
             self.fifo_dir = taken_over
-        owned = [r.args for r in config.of_kind(Kind.CHARDEV) if owns(r.args)]
+        owned = [r.args for r in config.of_kind(Kind.CHARDEV) if served(config, r.args)]
         opened: list[Console] = []
         unused = list(parked)
         for args in owned:

@@ -19,7 +19,7 @@ from qmpvm.config.chardev import backend_of
 from qmpvm.config.machine import as_object
 from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind, Resource
-from qmpvm.host.console_wiring import owns, socket_address
+from qmpvm.host.console_wiring import served, socket_address
 
 FILE_DRIVERS = frozenset({"file", "host_device", "host_cdrom"})
 NETWORK_DRIVERS = frozenset(
@@ -96,7 +96,7 @@ def plan(config: Config) -> HostPlan:
         elif resource.kind is Kind.DRIVE:
             _drive_file(resource, files, blockers)
         else:
-            blocker = _blocker(resource)
+            blocker = _blocker(resource, config)
             if blocker is not None:
                 blockers.append(blocker)
     blockers += _setting_blockers(config)
@@ -161,7 +161,7 @@ def _has_protocol(name: str) -> bool:
     return colon > 0 and (slash < 0 or colon < slash)
 
 
-def _blocker(resource: Resource) -> str | None:
+def _blocker(resource: Resource, config: Config) -> str | None:
     args = resource.args
     if resource.kind is Kind.OBJECT:
         qom_type = str(args.get("qom-type"))
@@ -171,7 +171,7 @@ def _blocker(resource: Resource) -> str | None:
         if isinstance(named, str) and named not in RANDOM_DEVICES:
             return f"object '{resource.key}' opens '{named}' itself"
     elif resource.kind is Kind.CHARDEV:
-        return _chardev_blocker(resource)
+        return _chardev_blocker(resource, config)
     elif resource.kind is Kind.NETDEV:
         netdev = str(args.get("type"))
         if netdev == "tap":
@@ -197,8 +197,8 @@ def _blocker(resource: Resource) -> str | None:
     return None
 
 
-def _chardev_blocker(resource: Resource) -> str | None:
-    if owns(resource.args):  # qmpvm opens what it needs, its logfile too
+def _chardev_blocker(resource: Resource, config: Config) -> str | None:
+    if served(config, resource.args):  # qmpvm opens what it needs, its logfile too
         return None
     backend, data = backend_of(resource.args)
     logfile = data.get("logfile")

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qmpvm.config.chardev import backend_of
 from qmpvm.config.machine import as_object
 from qmpvm.config.model import Config
-from qmpvm.config.resource import Resource
+from qmpvm.config.resource import Kind, Resource
 from qmpvm.engine.process import RunAs
 from qmpvm.errors import ConfigError, EngineError
 from qmpvm.fds import RESERVED_FDSETS, open_nonblocking
-from qmpvm.host.console_wiring import engine_chardev
+from qmpvm.host.console_wiring import engine_chardev, served
 from qmpvm.host.consoles import Console
 from qmpvm.host.engine_files import HostFile, engine_config, plan
 
@@ -230,6 +231,10 @@ def _root_why(config: Config, user_why: str | None, allowed: bool) -> str | None
         return 'machine-set {"confine": {"root": false}} lifted it'
     if user_why is not None:
         return "the engine runs as qmpvm's user, and opens host paths itself"
+    ptys = [r.key for r in config.of_kind(Kind.CHARDEV)
+            if backend_of(r.args)[0] == "pty" and not served(config, r.args)]  # fmt: skip
+    if ptys:
+        return f"chardev '{ptys[0]}' is the engine's pty, whose terminal must be the host's"
     if not allowed:
         return (
             "qmpvm cannot make it one here (no mount namespace, sh, mount or chroot, "

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from qmpvm.config.kinds import make
+from qmpvm.config.model import Config
+from qmpvm.config.resource import Kind
 from qmpvm.errors import ArgumentError, EngineError
 from qmpvm.fds import open_nonblocking
-from qmpvm.host import console_clients
+from qmpvm.host import console_clients, console_wiring
 from qmpvm.host import consoles as consoles_module
 from qmpvm.host.console_output import History, Ring
 from qmpvm.host.console_wiring import (
@@ -96,6 +99,25 @@ UNIX_X = {"type": "unix", "data": {"path": "/x"}}
 )
 def test_which_chardevs_qmpvm_serves(args: dict[str, object], served: bool) -> None:
     assert owns(args) is served
+
+
+@pytest.mark.parametrize(
+    ("backend", "driver", "served"),
+    [
+        ("pty", "isa-serial", True),
+        ("pty", "virtserialport", False),  # the guest sees whether a client is there
+        ("pty", "virtconsole", False),
+        ("null", "virtconsole", True),  # always "connected", in QEMU too
+        ("socket", "usb-serial", False),
+    ],
+)
+def test_sockets_and_ptys_of_connection_aware_frontends_stay_the_engines(
+    backend: str, driver: str, served: bool
+) -> None:
+    args = chardev("c", backend, **({"addr": UNIX_X} if backend == "socket" else {}))
+    config = Config().add(make(Kind.CHARDEV, args, 0))
+    config = config.add(make(Kind.DEVICE, {"driver": driver, "id": "d", "chardev": "c"}, 1))
+    assert console_wiring.served(config, args) is served
 
 
 def test_the_engine_gets_a_pipe_and_no_log_file() -> None:
