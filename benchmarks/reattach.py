@@ -236,8 +236,9 @@ class Connection:
     console: StampedConsole
     closed: float | None = None  # EOF or reset seen (qmpvm left), or our close
 
-    def first_tick(self, token: str) -> float | None:
-        return next((t for t, tok, _n, _up in list(self.console.ticks) if tok == token), None)
+    def first_tick(self, token: str, after: float = 0.0) -> float | None:
+        ticks = list(self.console.ticks)
+        return next((t for t, tok, _n, _up in ticks if tok == token and t > after), None)
 
 
 class Ticker(threading.Thread):
@@ -315,15 +316,17 @@ class Ticker(threading.Thread):
             if token == self.token
         ]
 
-    def delivery(self, gone: float, answered: float) -> tuple[float, float] | None:
-        """The console after a restart: the first connection opened after the
-        old qmpvm was gone, and its first TICK line, in seconds from the new
-        qmpvm answering (negative: before it)."""
+    def delivery(self, gone: float, answered: float) -> tuple[float | None, float] | None:
+        """The console after a restart: the connection that carried on through
+        it (parked in the engine: None) or else the first opened after the old
+        qmpvm was gone (when, in seconds from the new qmpvm answering), and
+        its first TICK line after ``gone``, from answering too."""
         for connection in list(self.connections):
-            if connection.opened > gone:
-                tick = connection.first_tick(self.token)
+            kept = connection.opened < gone and (connection.closed or answered + 1) > answered
+            if kept or connection.opened > gone:
+                tick = connection.first_tick(self.token, after=gone)
                 if tick is not None:
-                    return connection.opened - answered, tick - answered
+                    return None if kept else connection.opened - answered, tick - answered
         return None
 
 
@@ -584,17 +587,21 @@ class Run:
                 raise RuntimeError(f"console: {self.ticker.error!r}")
             found = self.ticker.delivery(left["left"] + left["exit"], back["answered-at"])
             if found is not None:
-                figures["console-back"], figures["delivery"] = found
+                back_at, figures["delivery"] = found
+                figures["console-kept"] = back_at is None
+                if back_at is not None:
+                    figures["console-back"] = back_at
             quit_part = (
                 f"quit reply {ms(left['quit-reply'])}, exit {ms(left['exit'])}"
                 if how == "quit"
                 else f"killed, reaped {ms(left['exit'])}"
             )
-            console = (
-                f"console reconnected {signed(found[0])}, first TICK {signed(found[1])}"
-                if found is not None
-                else "no TICK on a new console connection"
-            )
+            if found is None:
+                console = "no TICK on the console after it"
+            elif found[0] is None:
+                console = f"console kept connected, first TICK {signed(found[1])}"
+            else:
+                console = f"console reconnected {signed(found[0])}, first TICK {signed(found[1])}"
             print(f"  round {n} ({how:>4}): {quit_part}; restart: greeting "
                   f"{ms(back['greeting'])}, capabilities {ms(back['capabilities'])}, "
                   f"answering {ms(back['answering'])} (qmpvm {back['cpu']:.2f} CPU-s); "
@@ -754,9 +761,10 @@ def report(run: Run, pystart: list[float]) -> None:
           f"{killed_left}/{len(kill)}, after quit {quit_left}/{len(quit_)}")  # fmt: skip
     print(f"outage a client sees (kill/quit -> new qmpvm answering): "
           f"{spread(col(rounds, 'outage'))}")  # fmt: skip
-    print(f"console after a restart (first connection once the old qmpvm was gone), from "
-          f"the new qmpvm answering: connected {spread(col(rounds, 'console-back'))}, "
-          f"first TICK line {spread(col(rounds, 'delivery'))}")  # fmt: skip
+    kept = sum(1 for r in rounds if r.get("console-kept"))
+    print(f"console after a restart: the connection kept through it {kept}/{len(rounds)}, "
+          f"reconnected {spread(col(rounds, 'console-back'))} (from the new qmpvm answering); "
+          f"first TICK line after it {spread(col(rounds, 'delivery'))}")  # fmt: skip
     longest, lines = tick_report(run)
     for line in lines:
         print(line)
