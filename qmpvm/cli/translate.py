@@ -166,7 +166,7 @@ class Translator:
         self.json_devices: list[tuple[Kind, dict[str, object]]] = []
         self.monitors: list[str] = []  # chardev ids that -mon makes QMP monitors
         self.monitor_given = False  # -qmp, -mon or -monitor: no default monitor
-        self.nographic = False
+        self.no_graphics = False
         self.drives: list[tuple[str, int, int]] = []
         self.defaults = True
         self.counters: dict[str, int] = {}
@@ -314,11 +314,11 @@ class Translator:
     def implied(self, option: str, value: str) -> None:
         """Options whose meaning is what qmpvm always does (see the table)."""
 
-    def nographic_(self, option: str, value: str) -> None:
+    def nographic(self, option: str, value: str) -> None:
         """No display; the default serial port on stdio with a monitor
         multiplexed on it (``finish``), as in QEMU."""
         self.set("display", {"type": "none"})
-        self.nographic = True
+        self.no_graphics = True
 
     def escape_char(self, option: str, value: str) -> None:
         self.set("escape-char", sugar.integer(value))
@@ -556,7 +556,7 @@ class Translator:
 
     def finish(self) -> Options:
         opts = self.options
-        if self.nographic:
+        if self.no_graphics:
             self.nographic_defaults()
         self.shared_monitors(self.resources)
         if self.options.daemonize and any(
@@ -789,7 +789,7 @@ OPTIONS: dict[str, Option] = {
     "-no-acpi": Option(T.machine_property, False, "-machine acpi=off"),
     "-no-hpet": Option(T.machine_property, False, "-machine hpet=off"),
     "-usb": Option(T.machine_property, False, "-machine usb=on"),
-    "-nographic": Option(T.nographic_, False, "-display none; -serial mon:stdio by default"),
+    "-nographic": Option(T.nographic, False, "-display none; -serial mon:stdio by default"),
     "-echr": Option(T.escape_char, True, "N: the mux's escape key (default 1, Ctrl-A)"),
     "-kernel": Option(T.boot_source, True, "FILE"),
     "-initrd": Option(T.boot_source, True, "FILE"),

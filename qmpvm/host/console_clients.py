@@ -180,11 +180,11 @@ class Peer(asyncio.Protocol):
             local = transport.get_extra_info("sockname")
             if self.console.dials and isinstance(local, tuple):  # QEMU's: LOCAL <-> REMOTE
                 self.name = f"{local[0]}:{local[1]} <-> {self.name}"
-        elif self.console.dials:
-            self.name = "connected"
             sock = transport.get_extra_info("socket")
             if self.console.data.get("nodelay") and sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        elif self.console.dials:
+            self.name = "connected"
         self.console.peers.append(self)
         if self.console.input_full:
             self.transport.pause_reading()
@@ -289,7 +289,8 @@ class PtyMaster:
             loop.remove_writer(self.fd)
         self._connected = False
         self._out.clear()
-        self._timer = loop.call_later(self.POLL, self._check)
+        if self._timer is None:  # one poll at a time
+            self._timer = loop.call_later(self.POLL, self._check)
 
     def _read(self) -> None:
         try:

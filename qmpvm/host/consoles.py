@@ -234,29 +234,13 @@ class Console:
             if self.log is not None:
                 self.log.note_pty(self._pty.path)
             return
-        sockets = [socket.socket(fileno=fd) for fd in parked]
-        listeners = [s for s in sockets if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)]
+        if self.backend == "socket" and parked:  # what an engine taken over kept
+            await self._serve_kept([socket.socket(fileno=fd) for fd in parked])
+            if self._listeners or (self.dials and self.peers):
+                return
         if self.dials:
-            loop = asyncio.get_running_loop()
-            for client in sockets:  # a peer before the FIFO is read: it misses nothing
-                peer = functools.partial(Peer, self, park_name(client.fileno()))
-                await _connected(loop.connect_accepted_socket(peer, sock=client))
-            if not self.peers:
-                await self._dial()
-            return
-        if self.backend == "socket" and listeners:
-            if listeners[0].family == socket.AF_UNIX:
-                found = os.stat(self.host_path())
-                self._bound = (found.st_dev, found.st_ino)
-            for listening in listeners:
-                self._listeners.append(Listener(self, listening, park_name(listening.fileno())))
-            loop = asyncio.get_running_loop()
-            for client in sockets:  # each a peer before the FIFO is read: it misses nothing
-                if client not in listeners:
-                    peer = functools.partial(Peer, self, park_name(client.fileno()))
-                    await _connected(loop.connect_accepted_socket(peer, sock=client))
-            return
-        if self.backend == "file":
+            await self._dial()
+        elif self.backend == "file":
             mode = os.O_APPEND if self.data.get("append") or existing else os.O_TRUNC
             flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | mode
             self._file = self._fds.open(self.host_path(), flags)
@@ -273,6 +257,21 @@ class Console:
             _kind, where = socket_address(self.data)
             for listening in _listen_inet(str(where.get("host", "")), int(str(where["port"]))):
                 self._listeners.append(Listener(self, listening))
+
+    async def _serve_kept(self, sockets: Sequence[socket.socket]) -> None:
+        """Serve on the listeners and connections an engine taken over kept;
+        each connection a peer before the FIFO is read, so it misses nothing."""
+        loop = asyncio.get_running_loop()
+        for found in sockets:
+            name = park_name(found.fileno())
+            if found.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                if found.family == socket.AF_UNIX:
+                    bound = os.stat(self.host_path())
+                    self._bound = (bound.st_dev, bound.st_ino)
+                self._listeners.append(Listener(self, found, name))
+            else:
+                peer = functools.partial(Peer, self, name)
+                await _connected(loop.connect_accepted_socket(peer, sock=found))
 
     def adopt(self, conn: socket.socket, parked: str | None = None) -> None:
         """A client accepted (``parked``: one an engine taken over kept)."""
