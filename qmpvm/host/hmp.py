@@ -24,6 +24,11 @@ Execute = Callable[[str, Mapping[str, object]], Awaitable[Mapping[str, object]]]
 
 ESCAPE_DEFAULT = 0x01  # Ctrl-A
 PROMPT = b"(qemu) "
+LINE_LIMIT = 4095
+"""QEMU's readline buffer: keys beyond it are not taken."""
+WAITING_LIMIT = 64 * 1024
+"""Keys typed while a command runs; beyond this they are dropped, so a
+client that floods a busy monitor cannot grow qmpvm's memory."""
 _ENTER, _NEWLINE, _ERASE = (0x0D, 0x0A), b"\r\n", (0x7F, 0x08)
 _KILL_LINE, _ESC = (0x03, 0x15), 0x1B
 
@@ -100,7 +105,8 @@ class Keyboard:
         guest = bytearray()
         for index, key in enumerate(data):
             if self._running is not None:
-                self._waiting += data[index:]
+                room = max(0, WAITING_LIMIT - len(self._waiting))
+                self._waiting += data[index : index + room]
                 break
             if self.spec.mux and self._escaped:
                 self._escaped = False
@@ -171,7 +177,7 @@ class Keyboard:
             self.show(_NEWLINE + PROMPT)
         elif key == _ESC:
             self._sequence = 1
-        elif key >= 0x20:
+        elif key >= 0x20 and len(self._line) < LINE_LIMIT:
             self._line.append(key)
             self.show(bytes([key]))
 

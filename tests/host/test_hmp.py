@@ -13,7 +13,7 @@ from qmpvm.config.model import Config
 from qmpvm.config.resource import Kind, Resource
 from qmpvm.errors import ArgumentError, ConfigError
 from qmpvm.host.console_wiring import monitor_specs
-from qmpvm.host.hmp import Keyboard, MonitorSpec
+from qmpvm.host.hmp import LINE_LIMIT, WAITING_LIMIT, Keyboard, MonitorSpec
 
 
 class Harness:
@@ -111,6 +111,21 @@ async def test_keys_typed_while_a_command_runs_wait_for_it() -> None:
     await settle()
     assert h.names()[-1] == "human-monitor-command"
     assert bytes(h.guest) == b"guest keys"
+
+
+async def test_a_flooding_client_cannot_grow_qmpvms_memory() -> None:
+    """A line is at most QEMU's 4095 keys; keys typed while a command runs
+    wait up to 64 KiB, the rest are dropped."""
+    h = Harness(MonitorSpec(mux=False))
+    await h.type(b"x" * 10_000)
+    assert len(h.keyboard._line) == LINE_LIMIT
+    await h.type(b"\x15")
+    h.gate.clear()
+    await h.type(b"info status\r" + b"y" * (1 << 20))
+    assert len(h.keyboard._waiting) == WAITING_LIMIT
+    h.gate.set()
+    await settle()
+    assert h.names().count("human-monitor-command") == 1
 
 
 def chardev(chardev_id: str, backend: str, **data: object) -> Resource:
