@@ -11,6 +11,7 @@ import typing
 
 from qmpvm.commands.common import REGISTRY
 from qmpvm.commands.consoles import query_chardev
+from qmpvm.commands.session import quit_
 from qmpvm.config.programs import programs
 from qmpvm.errors import ConfigError
 from qmpvm.monitor.dispatch import AFTER_INIT, ENGINE_ARGS, Call
@@ -63,6 +64,9 @@ async def human_monitor_command(call: Call) -> object:
                 "HMP 'migrate' to an exec: URI would run a shell command on the host; "
                 "qmpvm runs host programs only when started with --allow-host-programs"
             )
+    if name in ("quit", "q"):  # QEMU's HMP quit ends QEMU: here qmpvm, as QMP's quit
+        await quit_(call)
+        return ""
     if line.split() == ["info", "chardev"]:  # what the user asked for, not the engine's pipes
         found = typing.cast(list[dict[str, object]], await query_chardev(call))
         return "".join(f"{c['label']}: filename={c['filename']}\r\n" for c in found)
