@@ -539,26 +539,30 @@ class Translator:
         if "parallel" not in self.settings:
             self.serial("-parallel", "null")
 
-    def shared_monitors(self, resources: list[tuple[Kind, dict[str, object]]]) -> None:
+    def shared_monitors(self) -> None:
         """A readline -mon on a ``mux=on`` chardev: qmpvm serves the mux, so the
         pair QEMU would make (``ID-base`` and the mux ``ID``) is one console ``ID``."""
         for monitor in cast(list[dict[str, object]], self.settings.get("monitors", [])):
-            chardev_id = monitor["chardev"]
-            mux = next((a for k, a in resources if k is Kind.CHARDEV and a.get("id") == chardev_id
-                        and chardev.backend_of(a)[0] == "mux"), None)  # fmt: skip
-            if mux is None or "mux" in monitor:
+            mux = self.chardev_args(monitor["chardev"])
+            if mux is None or chardev.backend_of(mux)[0] != "mux" or "mux" in monitor:
                 continue
-            base_id = chardev.backend_of(mux)[1].get("chardev")
-            base = next(a for k, a in resources if k is Kind.CHARDEV and a.get("id") == base_id)
-            resources.remove((Kind.CHARDEV, mux))
-            base["id"] = chardev_id
+            base = self.chardev_args(chardev.backend_of(mux)[1].get("chardev"))
+            assert base is not None  # from_legacy made the pair
+            self.resources.remove((Kind.CHARDEV, mux))
+            base["id"] = monitor["chardev"]
             monitor["mux"] = True
+
+    def chardev_args(self, chardev_id: object) -> dict[str, object] | None:
+        """The chardev-add arguments of chardev ``chardev_id``, if the line has one."""
+        return next(
+            (a for k, a in self.resources if k is Kind.CHARDEV and a.get("id") == chardev_id), None
+        )
 
     def finish(self) -> Options:
         opts = self.options
         if self.no_graphics:
             self.nographic_defaults()
-        self.shared_monitors(self.resources)
+        self.shared_monitors()
         if self.options.daemonize and any(
             k is Kind.CHARDEV and chardev.backend_of(a)[0] == "stdio" for k, a in self.resources
         ):

@@ -85,10 +85,7 @@ class Terminal:
         if not data:
             self._pause()  # for good: stdin ended
             return
-        if self._keyboard is not None:
-            self._keyboard.feed(data)
-        else:
-            self._console.write_input(data)
+        self._console.take_keys(self._keyboard, data)
         if self._console.input_full:
             self._pause()  # until the guest takes it (``Console._flush_input``)
 
@@ -212,10 +209,7 @@ class Peer(asyncio.Protocol):
             self.parked = None
 
     def data_received(self, data: bytes) -> None:
-        if self._keyboard is not None:
-            self._keyboard.feed(data)
-        else:
-            self.console.write_input(data)
+        self.console.take_keys(self._keyboard, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._keyboard is not None:
@@ -301,10 +295,8 @@ class PtyMaster:
             data = b""
         if not data:
             self._disconnected()
-        elif self._keyboard is not None:
-            self._keyboard.feed(data)
         else:
-            self.console.write_input(data)
+            self.console.take_keys(self._keyboard, data)
 
     def send(self, chunk: bytes) -> None:
         if not self._connected:

@@ -104,6 +104,14 @@ class Console:
         keyboard.start()
         return keyboard
 
+    def take_keys(self, keyboard: Keyboard | None, data: bytes) -> None:
+        """A source's keys: to its ``keyboard`` when a monitor is on the
+        console, else to the guest."""
+        if keyboard is not None:
+            keyboard.feed(data)
+        else:
+            self.write_input(data)
+
     def _unread_ring(self) -> bytes:
         """A ringbuf's buffer as the log left it: what was printed since the last read."""
         if self.log is None or self.log.read_to is None:
@@ -222,9 +230,8 @@ class Console:
         pty on its master)."""
         logfile = self.data.get("logfile")
         if isinstance(logfile, str):  # QEMU's: everything the guest prints
-            mode = os.O_APPEND if self.data.get("logappend") or existing else os.O_TRUNC
-            flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | mode
-            self._logfile = self._fds.open(logfile, flags)
+            appending = bool(self.data.get("logappend")) or existing
+            self._logfile = self._open_output(logfile, append=appending)
         if self.backend == "pty":
             name = park_name(parked[0]) if parked else None
             self._pty = PtyMaster(self, parked[0] if parked else None, name)
@@ -241,9 +248,8 @@ class Console:
         if self.dials:
             await self._dial()
         elif self.backend == "file":
-            mode = os.O_APPEND if self.data.get("append") or existing else os.O_TRUNC
-            flags = os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | mode
-            self._file = self._fds.open(self.host_path(), flags)
+            appending = bool(self.data.get("append")) or existing
+            self._file = self._open_output(self.host_path(), append=appending)
         elif self.backend == "stdio":
             self._terminal = Terminal(self, signals=self.data.get("signal", True) is not False)
         elif self.backend == "socket" and socket_address(self.data)[0] == "unix":
@@ -255,8 +261,14 @@ class Console:
             self._listeners.append(Listener(self, listening))
         elif self.backend == "socket":
             _kind, where = socket_address(self.data)
-            for listening in _listen_inet(str(where.get("host", "")), int(str(where["port"]))):
-                self._listeners.append(Listener(self, listening))
+            listening = _listen_inet(str(where.get("host", "")), int(str(where["port"])))
+            self._listeners.append(Listener(self, listening))
+
+    def _open_output(self, path: str, *, append: bool) -> int:
+        """A file the console writes (its ``file`` or ``logfile``), never
+        waited for; appended to, or truncated."""
+        mode = os.O_APPEND if append else os.O_TRUNC
+        return self._fds.open(path, os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | mode)
 
     async def _serve_kept(self, sockets: Sequence[socket.socket]) -> None:
         """Serve on the listeners and connections an engine taken over kept;
@@ -273,11 +285,10 @@ class Console:
                 peer = functools.partial(Peer, self, name)
                 await _connected(loop.connect_accepted_socket(peer, sock=found))
 
-    def adopt(self, conn: socket.socket, parked: str | None = None) -> None:
-        """A client accepted (``parked``: one an engine taken over kept)."""
+    def adopt(self, conn: socket.socket) -> None:
+        """A client a listener accepted."""
         loop = asyncio.get_running_loop()
-        peer = functools.partial(Peer, self, parked)
-        self.spawn(_connected(loop.connect_accepted_socket(peer, sock=conn)))
+        self.spawn(_connected(loop.connect_accepted_socket(lambda: Peer(self), sock=conn)))
 
     def give_to(self, uid: int, gid: int) -> None:
         """Make the FIFOs the engine's user's, for an engine that is not root."""
@@ -581,10 +592,8 @@ class Consoles:
 
     def engine_gone(self) -> None:
         """The engine ended: keep what it printed last, close the rest."""
-        self.parking = None
         for console in self.by_id.values():
-            console.parking = None  # gone with the engine
-
+            console.parking = None  # gone with the engine: nothing to unpark
             if console.is_open:
                 console.drain()
         self.close_all(remove=True)
@@ -622,15 +631,15 @@ def _unlink_if_ours(path: str, bound: tuple[int, int]) -> None:
             os.unlink(path)
 
 
-def _listen_inet(host: str, port: int) -> list[socket.socket]:
-    """Listening TCP sockets on ``host`` (every address when empty, as QEMU)."""
+def _listen_inet(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host`` (every address when empty, as QEMU)."""
     if not host:
         if socket.has_dualstack_ipv6():
-            return [socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)]
-        return [socket.create_server(("", port))]
+            return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+        return socket.create_server(("", port))
     found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _type, _proto, _name, address = found[0]
-    return [socket.create_server(address[:2], family=family)]
+    return socket.create_server(address[:2], family=family)
 
 
 async def _connected(connecting: typing.Awaitable[object]) -> None:
